@@ -1,0 +1,128 @@
+"""Checkpoints: atomic writes, newest-complete resume, rotation, and iter_log repair.
+
+A checkpoint is runs/<run>/step_NNNNN/ with solver/, proposer/, trainer_state.pt and SAVE_OK.
+It is written to a temporary sibling folder and renamed, so a folder with that name is either
+complete or absent; SAVE_OK is written last as a second witness.
+
+    python -m pytest tests/test_train.py -q
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import time
+
+import torch
+
+from data_and_utils import UserError
+from vlm import save_policy, load_policy
+
+log = logging.getLogger("ireasoner")
+STEP_DIR = re.compile(r"^step_(\d{5,})$")
+TMP_MARK = ".tmp-"
+STATE_FILE = "trainer_state.pt"
+DONE_FILE = "SAVE_OK"
+
+
+def complete_checkpoints(run_dir: str) -> list[tuple[int, str]]:
+    """(step, path) of every complete checkpoint, oldest first. Temporary folders never count."""
+    if not os.path.isdir(run_dir):
+        return []
+    found = []
+    for name in os.listdir(run_dir):
+        m = STEP_DIR.match(name)
+        path = os.path.join(run_dir, name)
+        if m and os.path.isfile(os.path.join(path, DONE_FILE)):
+            found.append((int(m.group(1)), path))
+    return sorted(found)
+
+
+def remove_temporaries(run_dir: str) -> None:
+    """Leftovers of a write that was killed: never complete, safe to remove."""
+    if not os.path.isdir(run_dir):
+        return
+    for name in os.listdir(run_dir):
+        if TMP_MARK in name and name.startswith("step_"):
+            log.warning("removing incomplete checkpoint folder %s", name)
+            shutil.rmtree(os.path.join(run_dir, name), ignore_errors=True)
+
+
+def save_checkpoint(run_dir: str, step: int, policies: dict, state: dict, keep: int) -> str:
+    """Write step_NNNNN atomically, then drop the oldest complete ones beyond `keep`."""
+    final = os.path.join(run_dir, f"step_{step:05d}")
+    tmp = f"{final}{TMP_MARK}{os.getpid()}"
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        for role, policy in policies.items():
+            save_policy(policy, os.path.join(tmp, role))
+        torch.save(state, os.path.join(tmp, STATE_FILE))
+        with open(os.path.join(tmp, DONE_FILE), "w") as f:
+            f.write(f"step {step}\n")
+            f.flush()
+            os.fsync(f.fileno())
+        if os.path.isdir(final):  # a finished step saved twice (signal right after a save)
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"writing checkpoint {final} failed ({e.strerror or e}); "
+                        f"earlier checkpoints in {run_dir} are intact") from e
+    for _, old in complete_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old)
+    return final
+
+
+def load_checkpoint(path: str, policies: dict) -> dict:
+    """Load both roles' weights and return the trainer state. Errors name the folder."""
+    if not os.path.isfile(os.path.join(path, DONE_FILE)):
+        raise UserError(f"{path} is not a complete checkpoint (no {DONE_FILE})")
+    for role, policy in policies.items():
+        role_dir = os.path.join(path, role)
+        if not os.path.isdir(role_dir):
+            raise UserError(f"checkpoint {path} is missing {role}/; pick an older one "
+                            f"with --resume_from")
+        try:
+            load_policy(policy, role_dir)
+        except (OSError, ValueError, RuntimeError) as e:
+            raise UserError(f"checkpoint {path}: cannot load {role}/ ({e}); pick an older one "
+                            f"with --resume_from") from e
+    try:
+        return torch.load(os.path.join(path, STATE_FILE), weights_only=False, map_location="cpu")
+    except (OSError, RuntimeError, EOFError, ValueError) as e:
+        raise UserError(f"checkpoint {path}: {STATE_FILE} is unreadable ({e}); pick an older one "
+                        f"with --resume_from") from e
+
+
+def set_aside_newer(run_dir: str, step: int) -> None:
+    """Resuming from an older checkpoint: keep newer ones, but out of the way, under new names."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for newer_step, path in complete_checkpoints(run_dir):
+        if newer_step > step:
+            aside = f"{path}.superseded-{stamp}"
+            log.warning("resuming from step %d: moving newer %s to %s", step, path, aside)
+            os.rename(path, aside)
+
+
+def truncate_log(log_path: str, step: int) -> None:
+    """Keep only records up to `step`, so a resumed run neither repeats nor misses a step.
+    A half-written last line (a kill mid-write) is dropped."""
+    if not os.path.exists(log_path):
+        return
+    kept = []
+    with open(log_path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                log.warning("dropping a partial line from %s", log_path)
+                continue
+            if record.get("step", 0) <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    tmp = log_path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(kept)
+    os.replace(tmp, log_path)

@@ -1,0 +1,181 @@
+"""Every option of the iReasoner trainer, in one dataclass.
+
+The command line is generated from `Config` by `transformers.HfArgumentParser`, so the
+defaults below are the only defaults. See all flags with:
+
+    python train.py --help
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field, fields
+
+from transformers import HfArgumentParser
+
+WANDB_MODES = ("disabled", "offline", "online")
+DTYPES = ("bfloat16", "float16", "float32")
+STEP_EMBEDDERS = ("input_embeddings", "hidden_states")
+BASELINES = ("ema", "group")
+KL_ESTIMATORS = ("exact", "k3")
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+
+
+def _help(text: str, **kw):
+    return field(metadata={"help": text}, **kw)
+
+
+@dataclass
+class Config:
+    # ---- data ----
+    data_dir: str = _help("Folder of unlabeled images (scanned recursively).", default="")
+    include_subfolders: str = _help(
+        "Comma-separated first-level subfolders of data_dir to use (default: all).", default="")
+    max_pixels: int = _help("Upper bound on image pixels after resizing (multiple of 28x28).",
+                            default=1024 * 28 * 28)
+    seed: int = _help("Seed for the image order, sampling and LoRA init.", default=42)
+
+    # ---- models ----
+    solver_model: str = _help("HF id or local folder of the Solver backbone.",
+                              default="Qwen/Qwen2.5-VL-7B-Instruct")
+    proposer_model: str = _help("HF id or local folder of the Proposer backbone.",
+                                default="Qwen/Qwen2.5-VL-7B-Instruct")
+    dtype: str = _help(f"Model dtype: one of {DTYPES}.", default="bfloat16")
+    device_map: str = _help("'auto' shards one model over all visible GPUs; or 'cpu', 'cuda:0'.",
+                            default="auto")
+    attn_implementation: str = _help(f"Attention kernel: one of {ATTN_IMPLEMENTATIONS}.",
+                                     default="sdpa")
+    gradient_checkpointing: bool = _help("Recompute activations in the update pass to save memory.",
+                                         default=False)
+    freeze_vision: bool = _help("Freeze the vision tower (visual.*). Use --no_freeze_vision to train "
+                                "it in full-finetune mode.", default=True)
+
+    # ---- LoRA ----
+    use_lora_solver: bool = _help("Train the Solver as a LoRA adapter (else full language model).",
+                                  default=False)
+    use_lora_proposer: bool = _help("Train the Proposer as a LoRA adapter (else full LM).",
+                                    default=False)
+    lora_targets: str = _help("Comma-separated module names; matched in the language model only.",
+                              default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
+    lora_r: int = _help("LoRA rank.", default=16)
+    lora_alpha: int = _help("LoRA alpha.", default=32)
+    lora_dropout: float = _help("LoRA dropout.", default=0.05)
+
+    # ---- sampling ----
+    num_solver_samples: int = _help("N: Solver answers sampled per question.", default=5)
+    temp: float = _help("Sampling temperature.", default=1.0)
+    top_p: float = _help("Nucleus sampling top-p, in (0, 1].", default=1.0)
+    max_new_tokens_solver: int = _help("Max new tokens per Solver answer.", default=256)
+    max_new_tokens_proposer: int = _help("Max new tokens for the Proposer's question.", default=128)
+
+    # ---- optimisation ----
+    total_steps: int = _help("Training steps (one image each).", default=2500)
+    lr: float = _help("AdamW learning rate (both roles).", default=1e-6)
+    weight_decay: float = _help("AdamW weight decay.", default=0.01)
+    grad_clip: float = _help("Global gradient-norm clip.", default=1.0)
+    proposer_update_freq: int = _help("Update the Proposer every this many steps.", default=5)
+    baseline: str = _help(f"Advantage baseline: one of {BASELINES} (ema = running mean).",
+                          default="ema")
+    baseline_momentum: float = _help("EMA baseline: b <- m*b + (1-m)*reward.", default=0.9)
+    update_micro_batch: int = _help("Completions per forward/backward chunk in the update "
+                                    "(0 = all N at once). Same result, less memory.", default=0)
+
+    # ---- KL ----
+    kl_coef: float = _help("Initial KL coefficient beta.", default=1e-3)
+    kl_target: float = _help("Target KL for the adaptive beta.", default=0.02)
+    kl_adapt_rate: float = _help("beta <- beta*exp(rate*(KL-target)/target).", default=0.1)
+    kl_estimator: str = _help(f"KL estimator: one of {KL_ESTIMATORS} (exact = full vocabulary).",
+                              default="exact")
+
+    # ---- outcome reward ----
+    solver_soft_gamma: float = _help("Soft-majority exponent: r = p(answer)^gamma.", default=0.7)
+    len_penalty_weight: float = _help("Weight of the length penalty.", default=0.05)
+    len_penalty_target_words: int = _help("Words before <answer> allowed without penalty.",
+                                          default=64)
+
+    # ---- trajectory-aware step agreement ----
+    max_reasoning_steps: int = _help("Steps read from <think> per sample.", default=8)
+    min_step_group_size: int = _help("Majority group size needed for step rewards.", default=2)
+    step_group_density_gamma: float = _help("Density weight (|D|/N)^gamma.", default=0.7)
+    step_position_decay: float = _help("Position weight exp(-decay*j).", default=0.15)
+    step_sim_temperature: float = _help("If != 1, cosine s -> tanh(s/T).", default=1.0)
+    step_reward_weight_start: float = _help("Step-reward mixing weight at the start.", default=0.0)
+    step_reward_weight_end: float = _help("Step-reward mixing weight at the end.", default=0.7)
+    step_reward_warmup: float = _help("Fraction of training before the mixing weight ramps.",
+                                      default=0.3)
+    step_embedder: str = _help(f"Step embedding: one of {STEP_EMBEDDERS}.",
+                               default="input_embeddings")
+    step_embed_max_tokens: int = _help("Tokens per step used by the embedder.", default=64)
+
+    # ---- proposer reward ----
+    proposer_reward_mu: float = _help("Gaussian centre on the Solver answer entropy (nats).",
+                                      default=0.90)
+    proposer_reward_sigma: float = _help("Gaussian width on the answer entropy.", default=0.35)
+
+    # ---- checkpoints, logging ----
+    output_dir: str = _help("Runs live in output_dir/<run_name>/.", default="runs")
+    save_every: int = _help("Save a checkpoint every this many steps (and at the last).",
+                            default=50)
+    max_checkpoints: int = _help("Complete checkpoints kept (newest first).", default=2)
+    resume_from: str = _help("Resume from this checkpoint folder instead of the newest.",
+                             default="")
+    clear_cache_every: int = _help("Free the CUDA cache every this many steps (0 = never).",
+                                   default=5)
+    wandb_mode: str = _help(f"W&B mode: one of {WANDB_MODES}.", default="disabled")
+    wandb_project: str = _help("W&B project.", default="iReasoner")
+    wandb_run_name: str = _help("Run name; also the folder under output_dir. Keep it fixed to "
+                                "auto-resume (generated when empty).", default="")
+
+    def __post_init__(self):
+        self.include_subfolders_list = _split(self.include_subfolders)
+        self.lora_targets_list = _split(self.lora_targets)
+        _check(self.wandb_mode in WANDB_MODES, f"--wandb_mode must be one of {WANDB_MODES}")
+        _check(self.dtype in DTYPES, f"--dtype must be one of {DTYPES}")
+        _check(self.step_embedder in STEP_EMBEDDERS, f"--step_embedder must be one of {STEP_EMBEDDERS}")
+        _check(self.baseline in BASELINES, f"--baseline must be one of {BASELINES}")
+        _check(self.kl_estimator in KL_ESTIMATORS, f"--kl_estimator must be one of {KL_ESTIMATORS}")
+        _check(self.attn_implementation in ATTN_IMPLEMENTATIONS,
+               f"--attn_implementation must be one of {ATTN_IMPLEMENTATIONS}")
+        for name in ("num_solver_samples", "total_steps", "lora_r", "lora_alpha", "save_every",
+                     "max_checkpoints", "proposer_update_freq", "max_new_tokens_solver",
+                     "max_new_tokens_proposer", "max_reasoning_steps", "step_embed_max_tokens",
+                     "max_pixels", "min_step_group_size"):
+            _check(getattr(self, name) >= 1, f"--{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("lr", "kl_target", "temp", "kl_coef", "step_sim_temperature",
+                     "proposer_reward_sigma", "len_penalty_target_words"):
+            _check(getattr(self, name) > 0, f"--{name} must be > 0, got {getattr(self, name)}")
+        for name in ("weight_decay", "grad_clip", "kl_adapt_rate", "solver_soft_gamma",
+                     "len_penalty_weight", "step_group_density_gamma", "step_position_decay",
+                     "update_micro_batch", "clear_cache_every"):
+            _check(getattr(self, name) >= 0, f"--{name} must be >= 0, got {getattr(self, name)}")
+        _check(0 < self.top_p <= 1, f"--top_p must be in (0, 1], got {self.top_p}")
+        _check(0 <= self.lora_dropout < 1, f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        _check(0 <= self.baseline_momentum < 1,
+               f"--baseline_momentum must be in [0, 1), got {self.baseline_momentum}")
+        _check(0 <= self.step_reward_warmup < 1,
+               f"--step_reward_warmup must be in [0, 1), got {self.step_reward_warmup}")
+        for name in ("step_reward_weight_start", "step_reward_weight_end"):
+            _check(0 <= getattr(self, name) <= 1, f"--{name} must be in [0, 1]")
+        _check(self.freeze_vision or not (self.use_lora_solver or self.use_lora_proposer),
+               "--no_freeze_vision trains the vision tower in full, but LoRA roles share the frozen "
+               "base as their reference: drop --no_freeze_vision or turn LoRA off")
+        _check(bool(self.lora_targets_list) or not (self.use_lora_solver or self.use_lora_proposer),
+               "--lora_targets is empty: name at least one module, e.g. q_proj,v_proj")
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def _split(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _check(ok: bool, message: str):
+    if not ok:
+        raise ValueError(message)
+
+
+def parse_config(argv: list[str] | None = None) -> Config:
+    """Parse a command line into a Config. Unknown flags are an error."""
+    parser = HfArgumentParser(Config)
+    (cfg,) = parser.parse_args_into_dataclasses(args=sys.argv[1:] if argv is None else argv)
+    return cfg

@@ -1,0 +1,354 @@
+"""Images, prompts and text parsing for the iReasoner trainer. No model code lives here.
+
+Run the tests for this file with:
+
+    cd /work/main && /work/venv/bin/python -m pytest tests/test_data.py tests/test_parsing.py -q
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import re
+import struct
+import unicodedata
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps
+from qwen_vl_utils import smart_resize
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+# smart_resize refuses aspect ratios above 200; we pad to 150 so rounding can never cross it.
+MAX_ASPECT = 150.0
+
+
+class UserError(Exception):
+    """A problem the user must fix (bad path, empty folder...). train.py prints it as one line."""
+
+
+class BadImage(Exception):
+    """One image file could not be turned into an RGB picture; the pool skips it."""
+
+
+# -----------------------------------------------------------------------------
+# image loading
+
+# Everything PIL (or a broken file) is known to raise while opening/decoding. Anything else
+# is a bug in our code and should crash loudly rather than be counted as a bad image.
+_LOAD_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error,
+                Image.DecompressionBombError, Image.DecompressionBombWarning)
+
+
+def load_image(path: str, max_pixels: int, min_pixels: int = 56 * 56, factor: int = 28) -> Image.Image:
+    """Open any image file as RGB, resized so both sides are multiples of `factor` and the
+    pixel count is within [min_pixels, max_pixels]. Raises BadImage for unreadable files."""
+    if min_pixels > max_pixels:
+        raise ValueError(f"min_pixels ({min_pixels}) must be <= max_pixels ({max_pixels})")
+    try:
+        with warnings.catch_warnings():
+            # PIL only *warns* between 1x and 2x MAX_IMAGE_PIXELS; a bomb is a bomb either way.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.seek(0)  # animated GIF/WebP/APNG: first frame
+                img.load()   # decode now, so truncated files fail here and not later
+                img = ImageOps.exif_transpose(img)
+                rgb = _to_rgb(img)
+    except _LOAD_ERRORS as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BadImage(f"{type(e).__name__}: {reason}"[:200]) from e
+    return _resize(rgb, max_pixels, min_pixels, factor)
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any PIL mode to RGB without the classic pitfalls (16-bit -> white, alpha -> black)."""
+    mode = img.mode
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        # PIL's own convert clips these to 0..255, which turns most 16-bit photos pure white.
+        gray = Image.fromarray(_to_uint8(np.asarray(img), mode))  # 2-D uint8 -> "L"
+        return gray.convert("RGB")
+    if mode in ("RGBA", "LA", "PA", "P", "La", "RGBa") and _has_alpha(img):
+        rgba = img.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(canvas, rgba).convert("RGB")
+    return img.convert("RGB")  # RGB (copy), L, 1, CMYK, YCbCr, P without transparency
+
+
+def _has_alpha(img: Image.Image) -> bool:
+    return img.mode != "P" or "transparency" in img.info
+
+
+def _to_uint8(arr: np.ndarray, mode: str) -> np.ndarray:
+    """Map a 16/32-bit or float grayscale array to 0..255. The nominal range of the data
+    decides the scale; only data outside every nominal range is min-max stretched."""
+    arr = arr.astype(np.float32)  # float32: exact for 16-bit, half the memory of float64
+    if arr.size == 0:
+        return arr.astype(np.uint8)
+    lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
+    if mode == "F" and lo >= 0.0 and hi <= 1.0:
+        scaled = arr * 255.0               # float image in [0, 1]
+    elif lo >= 0.0 and hi <= 255.0 and not mode.startswith("I;16"):
+        scaled = arr                       # already 8-bit values stored in a wide type
+    elif lo >= 0.0 and hi <= 65535.0:
+        scaled = arr / 257.0               # 16-bit range: 65535 -> 255
+    else:
+        scaled = (arr - lo) / max(hi - lo, 1e-12) * 255.0
+    return np.clip(np.nan_to_num(scaled), 0, 255).round().astype(np.uint8)
+
+
+def _resize(img: Image.Image, max_pixels: int, min_pixels: int, factor: int) -> Image.Image:
+    """Resize with qwen's smart_resize; extreme aspect ratios are padded (white, centred)."""
+    w, h = img.size
+    # The short side must stay >= factor after scaling down to max_pixels, which caps the ratio.
+    max_ratio = max(1.0, min(MAX_ASPECT, max_pixels / (2 * factor * factor)))
+    pad_w, pad_h = w, h
+    if w / h > max_ratio:
+        pad_h = math.ceil(w / max_ratio)
+    elif h / w > max_ratio:
+        pad_w = math.ceil(h / max_ratio)
+    th, tw = smart_resize(pad_h, pad_w, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
+    if (pad_w, pad_h) == (w, h):
+        return img.resize((tw, th), Image.Resampling.BICUBIC)
+    # Scale the content first and paste it into the target canvas: padding the full-size
+    # image first could allocate gigabytes for a 1 x 80,000 strip.
+    cw = min(tw, max(1, round(w * tw / pad_w)))
+    ch = min(th, max(1, round(h * th / pad_h)))
+    canvas = Image.new("RGB", (tw, th), (255, 255, 255))
+    canvas.paste(img.resize((cw, ch), Image.Resampling.BICUBIC), ((tw - cw) // 2, (th - ch) // 2))
+    return canvas
+
+
+# -----------------------------------------------------------------------------
+# the image pool
+
+
+class ImagePool:
+    """All images under data_dir in a seeded order that is reshuffled every epoch.
+    `get(i)` returns the i-th image of that endless stream, skipping unreadable files."""
+
+    def __init__(self, data_dir: str, include_subfolders: list[str] | None, seed: int,
+                 max_pixels: int, min_pixels: int = 56 * 56, factor: int = 28,
+                 max_retries: int = 64):
+        if min_pixels > max_pixels:
+            raise UserError(f"max_pixels ({max_pixels}) must be >= min_pixels ({min_pixels})")
+        self.data_dir, self.seed = data_dir, seed
+        self.max_pixels, self.min_pixels, self.factor = max_pixels, min_pixels, factor
+        self.max_retries = max_retries
+        self.paths = sorted(_scan(data_dir, include_subfolders or []))
+        if not self.paths:
+            raise UserError(f"no images found in {data_dir} (looked for {' '.join(IMAGE_EXTENSIONS)})")
+        self.bad: dict[str, str] = {}  # path -> reason; known-bad files are skipped instantly
+        self.skipped = 0
+        self._order_cache: tuple[int, list[str]] | None = None
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def order(self, epoch: int) -> list[str]:
+        return list(self._order(epoch))
+
+    def _order(self, epoch: int) -> list[str]:
+        if self._order_cache is None or self._order_cache[0] != epoch:
+            perm = list(self.paths)
+            random.Random(self.seed if epoch == 0 else f"{self.seed}:{epoch}").shuffle(perm)
+            self._order_cache = (epoch, perm)
+        return self._order_cache[1]
+
+    def get(self, index: int) -> tuple[str, Image.Image]:
+        n = len(self.paths)
+        budget = min(self.max_retries, n)  # fresh load failures allowed in this call
+        failures, consecutive = 0, 0
+        # 2n positions always contain one whole epoch, so every path is seen by then.
+        for pos in range(index, index + 2 * n):
+            path = self._order(pos // n)[pos % n]
+            if path not in self.bad:
+                try:
+                    return path, load_image(path, self.max_pixels, self.min_pixels, self.factor)
+                except BadImage as e:
+                    log.warning("skipping bad image %s: %s", path, e)
+                    self.bad[path] = str(e)
+                    self.skipped += 1
+                    failures += 1
+            consecutive += 1
+            if len(self.bad) == n:
+                raise UserError(f"no readable image in {self.data_dir}: all {n} files failed to "
+                                f"load (e.g. {path}: {self.bad[path]})")
+            if failures >= budget:
+                raise UserError(f"{consecutive} consecutive unreadable images in {self.data_dir} "
+                                f"starting at position {index} (last: {path}: {self.bad[path]}); "
+                                f"check the data folder")
+        raise AssertionError("unreachable: 2n positions cover every path")
+
+
+def _scan(data_dir: str, include: list[str]) -> list[str]:
+    if not os.path.isdir(data_dir):
+        what = "does not exist" if not os.path.exists(data_dir) else "is not a directory"
+        raise UserError(f"--data_dir {data_dir} {what}")
+    subfolders = sorted(e.name for e in os.scandir(data_dir)
+                        if not e.name.startswith(".") and e.is_dir())  # is_dir follows symlinks
+    missing = [name for name in include if name not in subfolders]
+    if missing:
+        raise UserError(f"--include_subfolders {','.join(missing)} not found in {data_dir}; "
+                        f"existing subfolders: {', '.join(subfolders) or '(none)'}")
+    # The documented layout: first-level subfolders when there are any, else data_dir itself.
+    if subfolders:
+        roots = [os.path.join(data_dir, name) for name in (include or subfolders)]
+        top = [e.name for e in os.scandir(data_dir) if e.is_file() and not e.name.startswith(".")
+               and e.name.lower().endswith(IMAGE_EXTENSIONS)]
+        if top:
+            log.warning("%d images directly in %s are not used: it has subfolders, so only "
+                        "those are read", len(top), data_dir)
+    else:
+        roots = [data_dir]
+    visited: set[str] = set()
+    found: list[str] = []
+    for root in roots:
+        found.extend(_walk_images(root, visited))
+    return found
+
+
+def _walk_images(root: str, visited: set[str]) -> list[str]:
+    """Images under root, following symlinked folders but entering each real folder once
+    (so symlink loops terminate and a folder linked twice is not counted twice)."""
+    found = []
+
+    def on_error(err: OSError):
+        log.warning("cannot read folder %s: %s", err.filename, err.strerror)
+
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True, onerror=on_error):
+        real = os.path.realpath(dirpath)
+        if real in visited:
+            dirnames[:] = []
+            continue
+        visited.add(real)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            # isfile is False for broken symlinks: those are skipped, not errors.
+            if (not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+                    and os.path.isfile(path)):
+                found.append(path)
+    return found
+
+
+# -----------------------------------------------------------------------------
+# prompts
+
+def proposer_prompt() -> str:
+    return (
+        "Look carefully at the image. Write ONE challenging question about it that can be "
+        "answered from the image alone and whose answer is short and checkable: a number, a "
+        "word or a short phrase. Do NOT give the answer.\n"
+        "Put the question inside <question>...</question>, then explain in one or two "
+        "sentences why it is challenging inside <rationale>...</rationale>."
+    )
+
+
+def solver_prompt(question: str) -> str:
+    return (
+        f"Answer this question about the image: {question}\n"
+        "Reason step by step inside <think>...</think>, one numbered line per step "
+        "(Step 1: ..., Step 2: ..., ...). Then give only the short final answer (a number, "
+        "a word or a short phrase) inside <answer>...</answer>."
+    )
+
+
+# -----------------------------------------------------------------------------
+# parsing: pure functions on model output; they must accept any string without crashing
+
+DEFAULT_QUESTION = "What is the most prominent value shown in the image?"
+
+# A bare tag token such as <think>, </answer>, <br/> -- but not "a < b > c".
+_TAG_TOKEN = re.compile(r"</?[A-Za-z][\w-]*\s*/?>")
+_STEP_MARKER = re.compile(
+    r"^[\s*#>•-]*(?:step\s*\d+\b\s*[:.)\-–—]?|\d+[.)](?=\s|$))\s*", re.IGNORECASE)
+_SENTENCE_SPLIT = re.compile(r"(?<=[.!?])\s+|\n+")
+# Stripped from the ends of answers on top of unicode punctuation (category P*).
+_EXTRA_STRIP = set("`´'\"*~^|")
+_SIGN_CHARS = set("-+.−")  # kept at the start when a digit follows: -5, +3, .5
+
+
+def _pair_pattern(tag: str) -> re.Pattern:
+    # Content may not contain another opening tag, so nested pairs yield the innermost one.
+    t = re.escape(tag)
+    return re.compile(rf"<{t}>((?:(?!<{t}>).)*?)</{t}>", re.IGNORECASE | re.DOTALL)
+
+
+def extract_tag(text: str, tag: str) -> str | None:
+    m = _pair_pattern(tag).search(text)
+    return m.group(1).strip() if m else None
+
+
+def extract_question(text: str) -> str:
+    question = extract_tag(text, "question")
+    if question:
+        return question
+    return text.strip() or DEFAULT_QUESTION
+
+
+def extract_answer(text: str) -> str:
+    """The <answer> content (even if empty); else the last non-empty line without tags."""
+    answer = extract_tag(text, "answer")
+    if answer is not None:
+        return answer
+    lines = [line.strip() for line in _TAG_TOKEN.sub(" ", text).splitlines()]
+    lines = [line for line in lines if line]
+    return lines[-1] if lines else ""
+
+
+def _before_answer(text: str) -> str:
+    m = re.search(r"<answer>", text, re.IGNORECASE)
+    return text[:m.start()] if m else text
+
+
+def normalize_answer(s: str) -> str:
+    s = unicodedata.normalize("NFKC", s).lower().replace(",", "")
+    s = " ".join(s.split())
+
+    def strippable(c: str) -> bool:
+        return c.isspace() or c in _EXTRA_STRIP or unicodedata.category(c).startswith("P")
+
+    start, end = 0, len(s)
+    while start < end and strippable(s[start]):
+        if s[start] in _SIGN_CHARS and start + 1 < end and s[start + 1].isdigit():
+            break
+        start += 1
+    while end > start and strippable(s[end - 1]):
+        end -= 1
+    return s[start:end]
+
+
+def count_pre_answer_words(text: str) -> int:
+    return len(_before_answer(text).split())
+
+
+def extract_steps(text: str, max_steps: int) -> list[str]:
+    """Reasoning steps: <step> tags, else `Step k:` / `k.` / `k)` lines, else sentences."""
+    think = extract_tag(text, "think")
+    region = think if think is not None else _before_answer(text)
+    tagged = [s.strip() for s in _pair_pattern("step").findall(region)]
+    if tagged:
+        steps = tagged
+    else:
+        region = _TAG_TOKEN.sub(" ", region)  # e.g. an unclosed <think> left in the text
+        steps = _marked_steps(region)
+        if steps is None:
+            steps = [s.strip() for s in _SENTENCE_SPLIT.split(region)]
+    return [s for s in steps if s][:max(0, max_steps)]
+
+
+def _marked_steps(region: str) -> list[str] | None:
+    """Numbered-line steps, with unnumbered lines joined to the step above; None if no markers."""
+    steps: list[str] | None = None
+    for line in region.splitlines():
+        m = _STEP_MARKER.match(line)
+        if m:
+            steps = steps if steps is not None else []
+            steps.append(line[m.end():].strip().strip("*").strip())  # "**Step 1:** x"
+        elif steps is not None and line.strip():
+            steps[-1] = f"{steps[-1]} {line.strip()}".strip()
+        # lines before the first marker are preamble ("Let me think.") and are ignored
+    return steps

@@ -1,0 +1,155 @@
+"""Rewards and small schedules for the iReasoner trainer: pure functions, no model.
+
+Each reward function returns (rewards, info); info holds plain Python values for logging.
+Run the tests with:
+
+    cd /work/main && /work/venv/bin/python -m pytest tests/test_rewards.py -q
+"""
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import torch
+import torch.nn.functional as F
+
+from data_and_utils import count_pre_answer_words, extract_answer, normalize_answer
+
+
+# -----------------------------------------------------------------------------
+# outcome reward: soft majority vote with a length penalty
+
+def majority(answers_norm: list[str]) -> tuple[str, int]:
+    """Most frequent answer and its count; ties go to the answer seen first."""
+    if not answers_norm:
+        raise ValueError("majority() needs at least one answer")
+    counts = Counter(answers_norm)
+    best = max(counts.values())
+    # Counter keeps first-insertion order, so the first answer reaching `best` was seen first.
+    answer = next(a for a, c in counts.items() if c == best)
+    return answer, best
+
+
+def answer_entropy(answers_norm: list[str]) -> float:
+    """Shannon entropy (nats) of the empirical answer distribution."""
+    n = len(answers_norm)
+    if n == 0:
+        raise ValueError("answer_entropy() needs at least one answer")
+    h = -sum((c / n) * math.log(c / n) for c in Counter(answers_norm).values())
+    return max(0.0, h)  # -0.0 (or a rounding speck below 0) when all answers agree
+
+
+def outcome_rewards(outputs: list[str], gamma: float, len_penalty_weight: float,
+                    len_penalty_target_words: int) -> tuple[list[float], dict]:
+    """r_i = p_i**gamma * (1 - weight * pen_i): p_i is the share of samples that gave the same
+    (normalized) answer, pen_i in [0, 1] grows with the words written before <answer>."""
+    if not outputs:
+        raise ValueError("outcome_rewards() needs at least one output")
+    if len_penalty_target_words <= 0:
+        raise ValueError(f"len_penalty_target_words must be > 0, got {len_penalty_target_words}")
+    n = len(outputs)
+    answers = [extract_answer(o) for o in outputs]
+    answers_norm = [normalize_answer(a) for a in answers]
+    words = [count_pre_answer_words(o) for o in outputs]
+    counts = Counter(answers_norm)
+    target = len_penalty_target_words
+    rewards = []
+    for a, w in zip(answers_norm, words):
+        pen = min(1.0, max(0.0, (w - target) / target))
+        rewards.append((counts[a] / n) ** gamma * (1.0 - len_penalty_weight * pen))
+    dominant, dominant_count = majority(answers_norm)
+    info = {"answers": answers, "answers_norm": answers_norm, "pre_answer_words": words,
+            "dominant_answer": dominant, "dominant_count": dominant_count,
+            "answer_entropy": answer_entropy(answers_norm)}
+    return rewards, info
+
+
+# -----------------------------------------------------------------------------
+# trajectory-aware step agreement
+
+def step_agreement_rewards(answers_norm: list[str], step_embeddings: list[torch.Tensor],
+                           min_group_size: int, density_gamma: float, position_decay: float,
+                           sim_temperature: float) -> tuple[list[float], dict]:
+    """Reward samples in the majority-answer group whose reasoning steps point the same way
+    as the group's average step at each position. Everyone else gets 0."""
+    if len(answers_norm) != len(step_embeddings):
+        raise ValueError(f"{len(answers_norm)} answers but {len(step_embeddings)} embedding sets")
+    n = len(answers_norm)
+    rewards = [0.0] * n
+    dominant, _ = majority(answers_norm)
+    group = [i for i, a in enumerate(answers_norm) if a == dominant]
+    info = {"group_size": len(group), "positions_used": 0, "mean_cos": 0.0, "density": 0.0}
+    if len(group) < min_group_size:
+        return rewards, info
+    density = (len(group) / n) ** density_gamma
+    info["density"] = density
+    # float64 on CPU: a handful of small vectors, and exact enough for hand-checked tests.
+    emb = {i: F.normalize(step_embeddings[i].detach().to("cpu", torch.float64), dim=-1, eps=1e-12)
+           for i in group}
+    num = {i: 0.0 for i in group}  # sum_j w_j * u_ij
+    den = {i: 0.0 for i in group}  # sum_j w_j over the positions i has
+    cosines = []
+    for j in range(max(emb[i].shape[0] for i in group)):
+        members = [i for i in group if emb[i].shape[0] > j]
+        if len(members) < 2:  # one step alone always agrees with itself: no signal
+            continue
+        info["positions_used"] += 1
+        centre = F.normalize(torch.stack([emb[i][j] for i in members]).mean(0), dim=-1, eps=1e-12)
+        w = math.exp(-position_decay * j)
+        for i in members:
+            s = max(-1.0, min(1.0, float(emb[i][j] @ centre)))
+            cosines.append(s)
+            if sim_temperature != 1.0:
+                s = math.tanh(s / sim_temperature)
+            num[i] += w * (s + 1.0) / 2.0
+            den[i] += w
+    for i in group:
+        if den[i] > 0:
+            rewards[i] = num[i] / den[i] * density
+    info["mean_cos"] = sum(cosines) / len(cosines) if cosines else 0.0
+    return rewards, info
+
+
+# -----------------------------------------------------------------------------
+# mixing, proposer reward, schedules
+
+def step_reward_weight(step: int, total_steps: int, w_start: float, w_end: float,
+                       warmup: float) -> float:
+    """Flat at w_start for the first `warmup` fraction of training, then linear to w_end."""
+    if total_steps <= 0 or not 0 <= warmup < 1:
+        raise ValueError(f"need total_steps > 0 and 0 <= warmup < 1, got {total_steps}, {warmup}")
+    progress = step / total_steps
+    ramp = min(1.0, max(0.0, (progress - warmup) / (1.0 - warmup)))
+    return w_start + (w_end - w_start) * ramp
+
+
+def mix_rewards(outcome: list[float], steps: list[float], weight: float) -> tuple[list[float], dict]:
+    if len(outcome) != len(steps):
+        raise ValueError(f"{len(outcome)} outcome rewards but {len(steps)} step rewards")
+    mixed = [(1.0 - weight) * o + weight * s for o, s in zip(outcome, steps)]
+    return mixed, {"step_reward_weight": float(weight)}
+
+
+def proposer_reward(entropy: float, mu: float, sigma: float) -> tuple[float, dict]:
+    """Gaussian in the Solver's answer entropy: questions that split the Solver about `mu`
+    nats (neither trivial nor hopeless) score highest."""
+    if sigma <= 0:
+        raise ValueError(f"sigma must be > 0, got {sigma}")
+    r = math.exp(-((entropy - mu) ** 2) / (2.0 * sigma ** 2))
+    return r, {"proposer_reward": r, "answer_entropy": float(entropy)}
+
+
+def update_kl_coef(beta: float, kl: float, target: float, rate: float) -> float:
+    """Adaptive KL: beta grows when KL is above target, shrinks below; kept in [1e-8, 100]."""
+    if not math.isfinite(kl):
+        raise ValueError(f"KL is not finite ({kl}); refusing to update the KL coefficient")
+    if target <= 0:
+        raise ValueError(f"KL target must be > 0, got {target}")
+    exponent = min(50.0, max(-50.0, rate * (kl - target) / target))  # no overflow in exp
+    return min(100.0, max(1e-8, beta * math.exp(exponent)))
+
+
+def update_ema_baseline(b: float, rewards: list[float], momentum: float) -> float:
+    for r in rewards:
+        b = momentum * b + (1.0 - momentum) * r
+    return b

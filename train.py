@@ -1,0 +1,419 @@
+"""iReasoner training: a Proposer asks, a Solver answers N times, intrinsic rewards, REINFORCE + KL.
+
+    python train.py --data_dir /path/to/images --solver_model Qwen/Qwen2.5-VL-7B-Instruct \
+        --proposer_model Qwen/Qwen2.5-VL-7B-Instruct --use_lora_solver --use_lora_proposer
+
+Reads top to bottom: one step is rollout() -> compute_rewards() -> update_policy() for the Solver
+(and every proposer_update_freq steps for the Proposer) -> log -> checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from tqdm import tqdm
+from transformers import StoppingCriteria
+
+import checkpoint as ckpt
+import rewards as R
+from config import Config, parse_config
+from data_and_utils import (ImagePool, UserError, extract_question, extract_steps, proposer_prompt,
+                            solver_prompt)
+from distributed import Dist
+from vlm import (Policy, Prompt, Rollout, acting, build_policies, completion_logits, embed_steps,
+                 generate, image_sizing, kl_per_token, make_prompt, reference_logprobs, token_logprobs)
+
+log = logging.getLogger("ireasoner")
+ROLES = ("solver", "proposer")
+MAX_NONFINITE_IN_A_ROW = 3
+
+
+# ---------------------------------------------------------------- state
+@dataclass
+class TrainState:
+    """Everything besides weights and optimizers that a resume must restore."""
+    step: int = 0
+    baseline: dict = field(default_factory=lambda: {"solver": 0.0, "proposer": 0.0})
+    kl_coef: dict = field(default_factory=dict)
+    wandb_id: str = ""
+    skipped_images: int = 0
+    nonfinite_skips: int = 0
+    nonfinite_in_a_row: int = 0
+
+
+@dataclass
+class Episode:
+    """One role's sampled completions for one image, with their rewards."""
+    prompt: Prompt
+    rollout: Rollout
+    rewards: list[float]
+
+
+class Stop(StoppingCriteria):
+    """SIGTERM/SIGINT set a flag (a second one exits at once). Generation polls it, so a signal
+    ends the current rollout early; the step is then abandoned before any update."""
+    def __init__(self):
+        self.signum = 0
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.signum:  # second signal: writes are atomic, so leaving now corrupts nothing
+            os._exit(128 + signum)
+        self.signum = signum
+        log.warning("signal %d: stopping after a clean checkpoint (again to exit now)", signum)
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return torch.full((input_ids.shape[0],), bool(self.signum), device=input_ids.device)
+
+
+# ---------------------------------------------------------------- one step
+def rollout(cfg: Config, policies: dict, image, stop: Stop) -> dict[str, Episode]:
+    """Proposer writes a question; the Solver samples N answers in one batched call."""
+    proposer, solver = policies["proposer"], policies["solver"]
+    p_prompt = make_prompt(proposer, image, proposer_prompt())
+    p_roll = generate(proposer, p_prompt, 1, cfg.max_new_tokens_proposer, cfg.temp, cfg.top_p, stop)
+    question = extract_question(p_roll.texts[0])
+    shared = p_prompt.image_features if proposer.model is solver.model else None
+    s_prompt = make_prompt(solver, image, solver_prompt(question), image_features=shared)
+    s_roll = generate(solver, s_prompt, cfg.num_solver_samples, cfg.max_new_tokens_solver,
+                      cfg.temp, cfg.top_p, stop)
+    return {"proposer": Episode(p_prompt, p_roll, []), "solver": Episode(s_prompt, s_roll, [])}
+
+
+def compute_rewards(cfg: Config, solver: Policy, texts: list[str], step: int) -> dict:
+    """Outcome self-consistency + trajectory-aware step agreement, mixed; proposer reward."""
+    outcome, info = R.outcome_rewards(texts, cfg.solver_soft_gamma, cfg.len_penalty_weight,
+                                      cfg.len_penalty_target_words)
+    steps = [extract_steps(t, cfg.max_reasoning_steps) for t in texts]
+    # Only the majority group's steps are compared, so only those are embedded (one call).
+    group = [i for i, a in enumerate(info["answers_norm"]) if a == info["dominant_answer"]]
+    flat = [s for i in group for s in steps[i]]
+    vectors = embed_steps(solver, flat, cfg.step_embedder, cfg.step_embed_max_tokens)
+    per_sample, offset = [vectors[:0]] * len(texts), 0
+    for i in group:
+        per_sample[i] = vectors[offset:offset + len(steps[i])]
+        offset += len(steps[i])
+    step_r, step_info = R.step_agreement_rewards(
+        info["answers_norm"], per_sample, cfg.min_step_group_size, cfg.step_group_density_gamma,
+        cfg.step_position_decay, cfg.step_sim_temperature)
+    weight = R.step_reward_weight(step, cfg.total_steps, cfg.step_reward_weight_start,
+                                  cfg.step_reward_weight_end, cfg.step_reward_warmup)
+    final, _ = R.mix_rewards(outcome, step_r, weight)
+    prop_r, _ = R.proposer_reward(info["answer_entropy"], cfg.proposer_reward_mu,
+                                  cfg.proposer_reward_sigma)
+    return {**info, "steps_per_sample": steps, "reward_outcome": outcome, "reward_steps": step_r,
+            "step_reward_weight": weight, "reward_final": final, "proposer_reward": prop_r,
+            "step_info": step_info}
+
+
+def update_policy(cfg: Config, policy: Policy, optimizer, episode: Episode,
+                  advantages: torch.Tensor, beta: float, dist: Dist) -> dict:
+    """One REINFORCE + KL step over all completions: loss = mean_i(A_i NLL_i) + beta KL.
+    Chunks of update_micro_batch completions accumulate into exactly the unchunked gradient."""
+    ids, mask = episode.rollout.ids, episode.rollout.mask
+    n, tokens = ids.shape[0], mask.sum().clamp(min=1)
+    chunk = cfg.update_micro_batch or n
+    params = policy.parameters()
+    optimizer.zero_grad(set_to_none=True)
+    loss_sum, kl_sum = 0.0, 0.0
+    with acting(policy) as model:
+        for lo in range(0, n, chunk):
+            part = slice(lo, lo + chunk)
+            ref_logp = reference_logprobs(policy, episode.prompt, ids[part], mask[part])
+            model.train()
+            logits = completion_logits(model, episode.prompt, ids[part], mask[part])
+            tok_logp, logp = token_logprobs(logits, ids[part])
+            m = mask[part].float()
+            nll = -(tok_logp * m).sum(1) / m.sum(1).clamp(min=1)
+            kl = (kl_per_token(logp, ref_logp, ids[part], cfg.kl_estimator) * m).sum()
+            loss = (advantages[part].to(nll.device) * nll).sum() / n + beta * kl / tokens
+            loss.backward()
+            loss_sum += loss.item()
+            kl_sum += kl.item()
+    dist.average_gradients(params)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    finite = not dist.any(not (math.isfinite(loss_sum) and torch.isfinite(grad_norm).item()))
+    if finite:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {"loss": loss_sum, "kl": kl_sum / tokens.item(), "grad_norm": grad_norm.item(),
+            "finite": finite}
+
+
+
+def train_step(cfg: Config, policies: dict, optimizers: dict, pool: ImagePool, st: TrainState,
+               step: int, dist: Dist, stop: Stop) -> list[dict] | None:
+    """One global step on every rank. Returns the per-rank records (on every rank), or None if
+    a signal arrived before any update, in which case nothing has changed."""
+    t0 = time.time()
+    image_path, image = pool.get((step - 1) * dist.world + dist.rank)
+    eps = rollout(cfg, policies, image, stop)
+    if dist.any(bool(stop.signum)):
+        return None
+    solver, s_ep, p_ep = policies["solver"], eps["solver"], eps["proposer"]
+    rw = compute_rewards(cfg, solver, s_ep.rollout.texts, step)
+    rec = {"step": step, "rank": dist.rank, "image_path": image_path,
+           "question": extract_question(p_ep.rollout.texts[0]),
+           "proposer_output": p_ep.rollout.texts[0], "solver_outputs": s_ep.rollout.texts,
+           **{k: rw[k] for k in ("answers", "answers_norm", "pre_answer_words",
+                                 "steps_per_sample", "dominant_answer", "dominant_count",
+                                 "answer_entropy", "reward_outcome", "reward_steps",
+                                 "step_reward_weight", "reward_final", "proposer_reward")}}
+    s_ep.rewards, p_ep.rewards = rw["reward_final"], [rw["proposer_reward"]]
+    rec.update(_update_role(cfg, "solver", policies, optimizers, s_ep, st, dist))
+    rec["proposer_updated"] = step % cfg.proposer_update_freq == 0
+    if rec["proposer_updated"]:
+        rec.update(_update_role(cfg, "proposer", policies, optimizers, p_ep, st, dist))
+    else:
+        rec.update({"proposer_kl": None, "kl_coef_proposer_before": None,
+                    "kl_coef_proposer_after": None, "proposer_loss": None})
+    st.skipped_images = round(dist.mean(pool.skipped) * dist.world)  # summed over ranks
+    rec.update(step_info=rw["step_info"], skipped_images=st.skipped_images,
+               nonfinite_skips=st.nonfinite_skips, seconds=round(time.time() - t0, 4))
+    return dist.gather(rec)
+
+
+def _update_role(cfg: Config, role: str, policies: dict, optimizers: dict, episode: Episode,
+                 st: TrainState, dist: Dist) -> dict:
+    """Update one role, then fold every rank's rewards (rank order) into its baseline and adapt
+    its beta with the rank-averaged KL, so both stay identical across ranks."""
+    b, beta = st.baseline[role], st.kl_coef[role]
+    # A one-sample group has zero advantage, so the Proposer always uses the running baseline.
+    use_group = cfg.baseline == "group" and role == "solver"
+    adv = advantages_for(episode.rewards, None if use_group else b)
+    out = update_policy(cfg, policies[role], optimizers[role], episode, adv, beta, dist)
+    kl = dist.mean(out["kl"])
+    all_rewards = [r for rank_rewards in dist.gather(episode.rewards) for r in rank_rewards]
+    st.baseline[role] = R.update_ema_baseline(b, all_rewards, cfg.baseline_momentum)
+    if out["finite"]:
+        st.kl_coef[role] = R.update_kl_coef(beta, kl, cfg.kl_target, cfg.kl_adapt_rate)
+        st.nonfinite_in_a_row = 0
+    else:
+        st.nonfinite_skips += 1
+        st.nonfinite_in_a_row += 1
+        log.warning("non-finite %s loss or gradient: update skipped (%d in a row)", role,
+                    st.nonfinite_in_a_row)
+        if st.nonfinite_in_a_row >= MAX_NONFINITE_IN_A_ROW:
+            raise TrainingError(f"{MAX_NONFINITE_IN_A_ROW} non-finite updates in a row; stopped "
+                                f"without saving. Lower --lr or check the data, then rerun to "
+                                f"resume from the last checkpoint")
+    return {f"{role}_baseline_before": b, f"{role}_kl": kl, f"kl_coef_{role}_before": beta,
+            f"kl_coef_{role}_after": st.kl_coef[role], f"{role}_loss": out["loss"]}
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on safely (printed as one line, exit 1)."""
+
+
+def advantages_for(rewards: list[float], baseline: float | None) -> torch.Tensor:
+    """A_i = r_i - b with the running baseline, or r_i - mean(r) (group) when b is None."""
+    r = torch.tensor(rewards, dtype=torch.float32)
+    return r - (r.mean() if baseline is None else baseline)
+
+
+# ---------------------------------------------------------------- setup, resume, loop
+def rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(s: dict) -> None:
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device_map(cfg: Config, dist: Dist) -> None:
+    if dist.world > 1 and cfg.device_map == "auto":
+        raise UserError(f"--device_map auto shards one model over all GPUs of one process; with "
+                        f"{dist.world} processes pass --device_map local (one full copy per rank)")
+    if cfg.device_map == "local":
+        cfg.device_map = str(dist.device)
+
+
+def resume(cfg: Config, run_dir: str, policies: dict, optimizers: dict, st: TrainState,
+           dist: Dist) -> str | None:
+    """Restore the newest complete checkpoint (or --resume_from). Returns its path."""
+    if dist.is_main:
+        ckpt.remove_temporaries(run_dir)
+    newest = ckpt.complete_checkpoints(run_dir)
+    path = cfg.resume_from or (newest[-1][1] if newest else None)
+    if path is None:
+        return None
+    saved = ckpt.load_checkpoint(path, policies)
+    for key in ("solver_model", "proposer_model", "use_lora_solver", "use_lora_proposer"):
+        if saved["config"][key] != getattr(cfg, key):
+            raise UserError(f"{path} was trained with --{key} {saved['config'][key]}, not "
+                            f"{getattr(cfg, key)}; use another --wandb_run_name to start afresh")
+    for role in ROLES:
+        optimizers[role].load_state_dict(saved["optimizers"][role])
+    for key, value in saved["train_state"].items():
+        setattr(st, key, value)
+    rngs = saved["rng"]
+    set_rng_state(rngs[dist.rank] if dist.rank < len(rngs) else rngs[0])
+    if dist.rank >= len(rngs):
+        seed_all(cfg.seed + dist.rank + st.step)
+    dist.barrier()
+    if dist.is_main:
+        if cfg.resume_from:
+            ckpt.set_aside_newer(run_dir, st.step)
+        ckpt.truncate_log(os.path.join(run_dir, "iter_log.jsonl"), st.step)
+    return path
+
+
+def save(cfg: Config, run_dir: str, policies: dict, optimizers: dict, st: TrainState,
+         rng: dict, dist: Dist) -> str | None:
+    """Rank 0 writes; every rank learns whether it worked, so none hangs on a failed write."""
+    rngs = dist.gather(rng)
+    path, error = None, None
+    if dist.is_main:
+        state = {"step": st.step, "train_state": vars(st).copy(), "rng": rngs,
+                 "optimizers": {r: o.state_dict() for r, o in optimizers.items()},
+                 "config": cfg.to_dict(), "world_size": dist.world}
+        try:
+            path = ckpt.save_checkpoint(run_dir, st.step, policies, state, cfg.max_checkpoints)
+        except UserError as e:
+            error = str(e)
+    error = dist.broadcast(error)
+    if error:
+        raise UserError(error)
+    return path
+
+
+def start_wandb(cfg: Config, run_name: str, run_dir: str, st: TrainState):
+    if cfg.wandb_mode == "disabled":
+        return None
+    import wandb
+    st.wandb_id = st.wandb_id or wandb.util.generate_id()
+    return wandb.init(project=cfg.wandb_project, name=run_name, id=st.wandb_id, resume="allow",
+                      mode=cfg.wandb_mode, dir=run_dir, config=cfg.to_dict())
+
+
+def log_wandb(run, records: list[dict]) -> None:
+    if run is None:
+        return
+    import wandb
+    r = records[0]
+    mean = lambda key: float(np.mean([x for rec in records for x in rec[key]]))
+    data = {"train/reward_final": mean("reward_final"), "train/reward_outcome": mean("reward_outcome"),
+            "train/answer_entropy": float(np.mean([x["answer_entropy"] for x in records])),
+            "train/step_reward_weight": r["step_reward_weight"], "train/seconds": r["seconds"],
+            "train/skipped_images": r["skipped_images"],
+            "solver/kl": r["solver_kl"], "solver/kl_coef": r["kl_coef_solver_after"],
+            "solver/loss": r["solver_loss"], "solver/baseline": r["solver_baseline_before"],
+            "proposer/reward": float(np.mean([x["proposer_reward"] for x in records])),
+            **{f"reasoning_step_agreement/{k}": v for k, v in r["step_info"].items()}}
+    if r["proposer_updated"]:
+        data.update({"proposer/kl": r["proposer_kl"], "proposer/kl_coef": r["kl_coef_proposer_after"],
+                     "proposer/loss": r["proposer_loss"]})
+    table = wandb.Table(columns=["question", "answers", "dominant"],
+                        data=[[x["question"], " | ".join(x["answers"]), x["dominant_answer"]]
+                              for x in records])
+    run.log({**data, "samples": table}, step=r["step"])
+
+
+def train(cfg: Config) -> int:
+    dist = Dist()
+    resolve_device_map(cfg, dist)
+    pool = ImagePool(cfg.data_dir, cfg.include_subfolders_list, cfg.seed, cfg.max_pixels)
+    run_name = dist.broadcast(cfg.wandb_run_name or time.strftime("run-%Y%m%d-%H%M%S"))
+    run_dir = os.path.join(cfg.output_dir, run_name)
+    os.makedirs(run_dir, exist_ok=True)
+    seed_all(cfg.seed)  # identical LoRA init on every rank
+    policies = build_policies(cfg)
+    pool.min_pixels, pool.max_pixels, pool.factor = image_sizing(policies["solver"].processor,
+                                                                 cfg.max_pixels)
+    if cfg.gradient_checkpointing:
+        for p in {id(p.model): p for p in policies.values()}.values():
+            p.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    optimizers = {r: torch.optim.AdamW(policies[r].parameters(), lr=cfg.lr,
+                                       weight_decay=cfg.weight_decay) for r in ROLES}
+    st = TrainState(kl_coef={r: cfg.kl_coef for r in ROLES})
+    seed_all(cfg.seed + dist.rank)  # different samples on every rank
+    resumed = resume(cfg, run_dir, policies, optimizers, st, dist)
+    if dist.is_main:
+        print(f"run {run_name}: " + (f"resuming from {resumed} at step {st.step + 1}"
+                                     if resumed else "starting at step 1"), flush=True)
+    if st.step >= cfg.total_steps:
+        if dist.is_main:
+            print(f"run {run_name} is already at step {st.step} of {cfg.total_steps}; nothing to do")
+        return 0
+    return loop(cfg, run_name, run_dir, policies, optimizers, pool, st, dist)
+
+
+def loop(cfg, run_name, run_dir, policies, optimizers, pool, st, dist) -> int:
+    stop, rng, saved_step = Stop(), rng_state(), st.step
+    pool.skipped = st.skipped_images if dist.is_main else 0  # ranks' counts sum to the total
+    wandb_run = start_wandb(cfg, run_name, run_dir, st) if dist.is_main else None
+    log_path = os.path.join(run_dir, "iter_log.jsonl")
+    bar = tqdm(total=cfg.total_steps, initial=st.step, disable=not dist.is_main, desc=run_name)
+    for step in range(st.step + 1, cfg.total_steps + 1):
+        records = train_step(cfg, policies, optimizers, pool, st, step, dist, stop)
+        if records is None:
+            break  # a signal arrived mid-rollout: step abandoned, state is still step - 1's
+        st.step, rng = step, rng_state()
+        if dist.is_main:
+            with open(log_path, "a", encoding="utf-8") as f:
+                f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+            log_wandb(wandb_run, records)
+            r = records[0]
+            bar.update(1)
+            bar.set_postfix(reward=f"{np.mean(r['reward_final']):.3f}",
+                            maj=f"{r['dominant_count']}/{cfg.num_solver_samples}",
+                            kl=f"{r['solver_kl']:.2e}")
+        if step % cfg.save_every == 0 or step == cfg.total_steps:
+            save(cfg, run_dir, policies, optimizers, st, rng, dist)
+            saved_step = step
+        if cfg.clear_cache_every and step % cfg.clear_cache_every == 0 and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if dist.any(bool(stop.signum)):
+            break
+    bar.close()
+    if st.step != saved_step:
+        save(cfg, run_dir, policies, optimizers, st, rng, dist)
+    if wandb_run is not None:
+        wandb_run.finish()
+    if dist.is_main:
+        print(f"checkpoints: {run_dir}/step_*/  log: {log_path}", flush=True)
+    signum = max(dist.gather(stop.signum))  # the signal any rank received
+    return 130 if signum == signal.SIGINT else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        cfg = parse_config(argv)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        return train(cfg)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except TrainingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

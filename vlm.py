@@ -1,0 +1,333 @@
+"""Model side of iReasoner: loading, LoRA adapters, batched sampling, completion log-probs, KL
+and step embeddings. Everything here takes token ids, never re-tokenized text.
+
+    python -m pytest tests/test_vlm.py -q
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForImageTextToText, AutoProcessor
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+log = logging.getLogger("ireasoner")
+ROLES = ("solver", "proposer")
+VISION_TOKENS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass
+class Policy:
+    """One role. LoRA roles name an adapter on a (possibly shared) PeftModel; full-finetune
+    roles own their model and keep a frozen copy as the reference."""
+    role: str
+    model: torch.nn.Module
+    processor: object
+    adapter: str | None = None
+    ref_model: torch.nn.Module | None = None
+    vision_trainable: bool = False
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        if self.adapter is None:
+            return [p for p in self.model.parameters() if p.requires_grad]
+        tag = f".{self.adapter}."
+        return [p for n, p in self.model.named_parameters() if "lora_" in n and tag in n]
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
+
+@dataclass
+class Prompt:
+    """A processed (image, text) prompt: tensors made once per step and reused everywhere."""
+    inputs: dict                       # input_ids, attention_mask, mm_token_type_ids, pixel_values, image_grid_thw
+    image_features: object | None      # precomputed vision output (None when the vision tower trains)
+
+    @property
+    def length(self) -> int:
+        return self.inputs["input_ids"].shape[1]
+
+
+# ---------------------------------------------------------------- loading
+def load_backbone(name: str, dtype: str, device_map: str, attn_implementation: str):
+    model = AutoModelForImageTextToText.from_pretrained(
+        name, dtype=DTYPES[dtype], device_map=device_map, attn_implementation=attn_implementation)
+    processor = AutoProcessor.from_pretrained(name)
+    model.requires_grad_(False)
+    return model, processor
+
+
+def _core(model):
+    """The inner *Model (visual + language_model) under PEFT and *ForConditionalGeneration."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.model
+
+
+def lora_target_names(model, targets: list[str]) -> list[str]:
+    """Full names of the Linear layers to adapt: language model only, never the vision tower."""
+    found, names = set(), []
+    for name, module in model.named_modules():
+        parts = name.split(".")
+        if "language_model" not in parts or "visual" in parts:
+            continue
+        if isinstance(module, torch.nn.Linear) and parts[-1] in targets:
+            names.append(name)
+            found.add(parts[-1])
+    for missing in [t for t in targets if t not in found]:
+        log.warning("LoRA target %r matches no language-model module; skipped", missing)
+    if not names:
+        raise ValueError(f"--lora_targets {','.join(targets)} match no language-model module")
+    return names
+
+
+def _lora_config(cfg, model):
+    from peft import LoraConfig
+    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=lora_target_names(model, cfg.lora_targets_list),
+                      bias="none", task_type="CAUSAL_LM")
+
+
+def _full_finetune(role: str, model, processor, cfg) -> Policy:
+    """Train the language model (and the vision tower if not frozen); reference = frozen copy."""
+    ref = copy.deepcopy(model).eval()
+    core = _core(model)
+    core.language_model.requires_grad_(True)
+    model.get_output_embeddings().requires_grad_(True)
+    if not cfg.freeze_vision:
+        core.visual.requires_grad_(True)
+    return Policy(role, model, processor, ref_model=ref, vision_trainable=not cfg.freeze_vision)
+
+
+def build_policies(cfg) -> dict[str, Policy]:
+    """Solver and proposer. Same model name + LoRA on both: one backbone, two named adapters."""
+    from peft import get_peft_model
+    names = {"solver": cfg.solver_model, "proposer": cfg.proposer_model}
+    lora = {"solver": cfg.use_lora_solver, "proposer": cfg.use_lora_proposer}
+    load = lambda n: load_backbone(n, cfg.dtype, cfg.device_map, cfg.attn_implementation)
+    if all(lora.values()) and names["solver"] == names["proposer"]:
+        base, processor = load(names["solver"])
+        lora_config = _lora_config(cfg, base)
+        peft = get_peft_model(base, copy.deepcopy(lora_config), adapter_name="solver")
+        peft.add_adapter("proposer", lora_config)
+        return {r: Policy(r, peft, processor, adapter=r) for r in ROLES}
+    policies = {}
+    for role in ROLES:
+        base, processor = load(names[role])
+        if lora[role]:
+            peft = get_peft_model(base, _lora_config(cfg, base), adapter_name=role)
+            policies[role] = Policy(role, peft, processor, adapter=role)
+        else:
+            policies[role] = _full_finetune(role, base, processor, cfg)
+    return policies
+
+
+@contextmanager
+def acting(policy: Policy):
+    """Make this role's adapter the active one (peft also marks only it trainable)."""
+    if policy.adapter is not None:
+        policy.model.set_adapter(policy.adapter)
+    yield policy.model
+
+
+def reference(policy: Policy):
+    """The frozen base policy: adapters disabled (the `with` matters), or the frozen copy."""
+    if policy.adapter is not None:
+        return _disabled(policy.model)
+    return nullcontext(policy.ref_model)
+
+
+@contextmanager
+def _disabled(model):
+    with model.disable_adapter():
+        yield model
+
+
+# ---------------------------------------------------------------- prompts and generation
+def make_prompt(policy: Policy, image, text: str, image_features=None) -> Prompt:
+    """Run the processor once; encode the image once unless the vision tower is trained."""
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+    chat = policy.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    inputs = policy.processor(text=[chat], images=[image], return_tensors="pt")
+    inputs = {k: v.to(policy.device) for k, v in inputs.items()}
+    if image_features is None and not policy.vision_trainable:
+        image_features = encode_image(policy.model, inputs)
+    return Prompt(inputs, image_features)
+
+
+@torch.no_grad()
+def encode_image(model, inputs) -> BaseModelOutputWithPooling:
+    # LoRA lives in the language model only, so the vision output is the same for every
+    # adapter, for the reference and for all N samples: compute it once per image.
+    return _core(model).get_image_features(inputs["pixel_values"], inputs["image_grid_thw"],
+                                           return_dict=True)
+
+
+def _mm_kwargs(prompt: Prompt, n: int) -> dict:
+    """Vision inputs for a batch of n rows that share the prompt's single image."""
+    grid = prompt.inputs["image_grid_thw"].repeat(n, 1)
+    if prompt.image_features is None:
+        return {"pixel_values": prompt.inputs["pixel_values"].repeat(n, 1), "image_grid_thw": grid}
+    feats = prompt.image_features
+    rows = BaseModelOutputWithPooling(pooler_output=tuple(feats.pooler_output) * n)
+    return {"mm_encoder_outputs": {"image": rows}, "image_grid_thw": grid}
+
+
+def suppressed_ids(processor) -> list[int]:
+    # A sampled vision placeholder would break the image-token count of the loss forward.
+    tok = processor.tokenizer
+    return [tok.convert_tokens_to_ids(t) for t in VISION_TOKENS if t in tok.get_vocab()]
+
+
+@dataclass
+class Rollout:
+    texts: list[str]          # decoded completions
+    ids: torch.Tensor         # [n, L] sampled token ids (padded with pad_token_id)
+    mask: torch.Tensor        # [n, L] 1 for real completion tokens (up to and incl. eos)
+
+
+@torch.no_grad()
+def generate(policy: Policy, prompt: Prompt, n: int, max_new_tokens: int, temperature: float,
+             top_p: float, stop=None) -> Rollout:
+    """Sample n completions in one `generate` call; return text and the sampled ids.
+    `stop` is an optional StoppingCriteria (the trainer's signal flag)."""
+    with acting(policy) as model:
+        model.eval()
+        kwargs = {"input_ids": prompt.inputs["input_ids"],
+                  "attention_mask": prompt.inputs["attention_mask"],
+                  "mm_token_type_ids": prompt.inputs["mm_token_type_ids"],
+                  **_mm_kwargs(prompt, 1)}
+        out = model.generate(**kwargs, do_sample=True, temperature=temperature, top_p=top_p,
+                             top_k=0, max_new_tokens=max_new_tokens, num_return_sequences=n,
+                             suppress_tokens=suppressed_ids(policy.processor),
+                             stopping_criteria=[stop] if stop is not None else None)
+    ids = out[:, prompt.length:]
+    mask = completion_mask(ids, model.generation_config.eos_token_id)
+    texts = policy.processor.tokenizer.batch_decode(ids * mask + _pad_id(policy) * (1 - mask),
+                                                   skip_special_tokens=True)
+    return Rollout(texts, ids, mask)
+
+
+def _pad_id(policy: Policy) -> int:
+    return policy.processor.tokenizer.pad_token_id
+
+
+def completion_mask(ids: torch.Tensor, eos) -> torch.Tensor:
+    """1 up to and including the first eos of each row, 0 after it."""
+    eos = torch.tensor(eos if isinstance(eos, (list, tuple)) else [eos], device=ids.device)
+    is_eos = torch.isin(ids, eos).long()
+    after_eos = (is_eos.cumsum(1) - is_eos) > 0
+    return (~after_eos).long()
+
+
+# ---------------------------------------------------------------- log-probs and KL
+def completion_logits(model, prompt: Prompt, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Logits [n, L, V] that predict each completion token, computed at completion positions only:
+    the lm_head (and so the vocabulary-sized tensor) never sees the prompt or the image tokens."""
+    n, length = ids.shape
+    p = prompt.inputs
+    out = model(input_ids=torch.cat([p["input_ids"].expand(n, -1), ids], 1),
+                attention_mask=torch.cat([p["attention_mask"].expand(n, -1), mask], 1),
+                mm_token_type_ids=torch.cat([p["mm_token_type_ids"].expand(n, -1),
+                                             torch.zeros_like(ids)], 1),
+                **_mm_kwargs(prompt, n), logits_to_keep=length + 1, use_cache=False)
+    # The last kept position predicts the token after the completion: drop it.
+    return out.logits[:, :-1]
+
+
+def token_logprobs(logits: torch.Tensor, ids: torch.Tensor):
+    """(log-prob of each sampled token [n, L], full log-softmax [n, L, V]), in float32."""
+    logp = F.log_softmax(logits.float(), dim=-1)
+    return logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1), logp
+
+
+def kl_per_token(logp: torch.Tensor, ref_logp: torch.Tensor, ids: torch.Tensor,
+                 estimator: str = "exact") -> torch.Tensor:
+    """KL(pi || ref) per completion token [n, L]: exact over the vocabulary, or k3 on samples."""
+    if estimator == "exact":
+        return (logp.exp() * (logp - ref_logp)).sum(-1)
+    tok = logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    ref_tok = ref_logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    log_ratio = ref_tok - tok
+    return log_ratio.exp() - log_ratio - 1
+
+
+@torch.no_grad()
+def reference_logprobs(policy: Policy, prompt: Prompt, ids, mask) -> torch.Tensor:
+    with reference(policy) as ref:
+        was_training = ref.training
+        ref.eval()
+        logits = completion_logits(ref, prompt, ids, mask)
+        ref.train(was_training)
+    return F.log_softmax(logits.float(), dim=-1)
+
+
+# ---------------------------------------------------------------- step embeddings
+@torch.no_grad()
+def embed_steps(policy: Policy, steps: list[str], kind: str, max_tokens: int) -> torch.Tensor:
+    """L2-normalised embeddings [len(steps), d] of reasoning steps, in one batched call, from the
+    frozen base: mean input-embedding vectors (the paper's) or mean last hidden state."""
+    with reference(policy) as ref:
+        dim = ref.get_input_embeddings().weight.shape[1]
+        if not steps:
+            return torch.zeros(0, dim)
+        enc = policy.processor.tokenizer(steps, add_special_tokens=False, truncation=True,
+                                         max_length=max_tokens, padding=True, padding_side="right",
+                                         return_tensors="pt")
+        ids, mask = enc["input_ids"].to(policy.device), enc["attention_mask"].to(policy.device)
+        if kind == "input_embeddings":
+            h = ref.get_input_embeddings()(ids)
+        else:
+            h = _core(ref).language_model(input_ids=ids, attention_mask=mask).last_hidden_state
+    m = mask.unsqueeze(-1).to(h.dtype)
+    mean = (h * m).sum(1) / m.sum(1).clamp(min=1)
+    return F.normalize(mean.float(), dim=-1).cpu()
+
+
+# ---------------------------------------------------------------- saving and loading
+ADAPTER_FILE = "adapter_model.safetensors"
+
+
+def save_policy(policy: Policy, path: str) -> None:
+    """A standard PEFT adapter folder (adapter_config.json + adapter_model.safetensors at its top
+    level, loadable by PeftModel.from_pretrained and lmms-eval's lora_path), or a full model."""
+    if policy.adapter is None:
+        policy.model.save_pretrained(path)
+        policy.processor.save_pretrained(path)
+        return
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+    os.makedirs(path, exist_ok=True)
+    policy.model.peft_config[policy.adapter].save_pretrained(path)
+    state = get_peft_model_state_dict(policy.model, adapter_name=policy.adapter)
+    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()},
+              os.path.join(path, ADAPTER_FILE), metadata={"format": "pt"})
+
+
+def load_policy(policy: Policy, path: str) -> None:
+    """Load weights written by save_policy into this role (in place)."""
+    if policy.adapter is None:
+        loaded = AutoModelForImageTextToText.from_pretrained(path, dtype=policy.model.dtype)
+        policy.model.load_state_dict(loaded.state_dict())
+        return
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+    state = load_file(os.path.join(path, ADAPTER_FILE), device=str(policy.device))
+    result = set_peft_model_state_dict(policy.model, state, adapter_name=policy.adapter)
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise ValueError(f"{path}: adapter has keys this model lacks, e.g. {unexpected[0]}")
+
+
+def image_sizing(processor, max_pixels: int) -> tuple[int, int, int]:
+    """(min_pixels, max_pixels, factor) the processor accepts without resizing again."""
+    ip = processor.image_processor
+    size = ip.size or {}
+    upper = min(max_pixels, size.get("longest_edge", max_pixels))
+    return size.get("shortest_edge", 56 * 56), upper, ip.patch_size * ip.merge_size
