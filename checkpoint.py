@@ -11,11 +11,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
 import time
 
 import torch
+from safetensors import SafetensorError
 
 from data_and_utils import UserError
 from vlm import save_policy, load_policy
@@ -25,6 +27,12 @@ STEP_DIR = re.compile(r"^step_(\d{5,})$")
 TMP_MARK = ".tmp-"
 STATE_FILE = "trainer_state.pt"
 DONE_FILE = "SAVE_OK"
+# What the writers raise on a full disk or a denied write: torch.save reports it as a
+# RuntimeError ("unexpected pos"), safetensors as SafetensorError, plain files as OSError.
+WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
+# What a truncated or garbled file raises on load (torch.load: zip, EOF or pickle errors).
+READ_ERRORS = (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError,
+               SafetensorError)
 
 
 def complete_checkpoints(run_dir: str) -> list[tuple[int, str]]:
@@ -67,13 +75,26 @@ def save_checkpoint(run_dir: str, step: int, policies: dict, state: dict, keep: 
         if os.path.isdir(final):  # a finished step saved twice (signal right after a save)
             shutil.rmtree(final)
         os.rename(tmp, final)
-    except OSError as e:
+    except WRITE_ERRORS as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(f"writing checkpoint {final} failed ({e.strerror or e}); "
+        raise UserError(f"writing checkpoint {final} failed ({_reason(e)}); "
                         f"earlier checkpoints in {run_dir} are intact") from e
     for _, old in complete_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old)
+        # Renamed first, so a kill mid-delete leaves a temporary (cleaned on resume), never a
+        # half-deleted folder that still looks complete.
+        doomed = f"{old}{TMP_MARK}{os.getpid()}"
+        try:
+            os.rename(old, doomed)
+            shutil.rmtree(doomed)
+        except OSError as e:  # the new checkpoint is safe; an old one left over is only space
+            log.warning("could not remove old checkpoint %s: %s", old, _reason(e))
     return final
+
+
+def _reason(e: BaseException) -> str:
+    """One line for an error message: strerror for OS errors, else the first line of str(e)."""
+    text = getattr(e, "strerror", None) or str(e).strip() or type(e).__name__
+    return text.splitlines()[0][:300]
 
 
 def load_checkpoint(path: str, policies: dict) -> dict:
@@ -87,14 +108,14 @@ def load_checkpoint(path: str, policies: dict) -> dict:
                             f"with --resume_from")
         try:
             load_policy(policy, role_dir)
-        except (OSError, ValueError, RuntimeError) as e:
-            raise UserError(f"checkpoint {path}: cannot load {role}/ ({e}); pick an older one "
-                            f"with --resume_from") from e
+        except READ_ERRORS as e:
+            raise UserError(f"checkpoint {path}: cannot load {role}/ ({_reason(e)}); pick an "
+                            f"older one with --resume_from") from e
     try:
         return torch.load(os.path.join(path, STATE_FILE), weights_only=False, map_location="cpu")
-    except (OSError, RuntimeError, EOFError, ValueError) as e:
-        raise UserError(f"checkpoint {path}: {STATE_FILE} is unreadable ({e}); pick an older one "
-                        f"with --resume_from") from e
+    except READ_ERRORS as e:
+        raise UserError(f"checkpoint {path}: {STATE_FILE} is unreadable ({_reason(e)}); pick an "
+                        f"older one with --resume_from") from e
 
 
 def set_aside_newer(run_dir: str, step: int) -> None:

@@ -1,10 +1,12 @@
 """Tiny random-weight Qwen-VL checkpoints and synthetic images, for tests, the demo and bench.py.
 
 No download is possible on our machines, so we build a real checkpoint folder locally: a small
-Qwen2.5-VL config, random weights, a byte-level BPE tokenizer trained in-process, a Qwen-style
-chat template and the real processor. It loads back through `from_pretrained` like a hub model.
+Qwen2-VL, Qwen2.5-VL or Qwen3-VL config, random weights, a byte-level BPE tokenizer trained
+in-process, a Qwen-style chat template and the real processor. It loads back through
+`from_pretrained` like a hub model.
 
-    python tiny.py runs/tiny-model      # writes a tiny Qwen2.5-VL to that folder
+    python tiny.py runs/tiny-model             # writes a tiny Qwen2.5-VL to that folder
+    python tiny.py runs/tiny-q3 qwen3_vl       # or qwen2_vl: another generation
 """
 from __future__ import annotations
 
@@ -80,57 +82,121 @@ def build_tokenizer(vocab_size: int, seed: int = 0):
     return fast
 
 
-def _mrope_section(head_dim: int) -> list[int]:
-    # Qwen2.5-VL splits the rotary half-dim 1/4 time, 3/8 height, 3/8 width ([16, 24, 24] at 128).
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+
+
+def _mrope_section(head_dim: int, family: str) -> list[int]:
+    """Rotary half-dim split into (time, height, width) in the real models' proportions."""
     half = head_dim // 2
+    if family == "qwen3_vl":
+        # Qwen3-VL interleaves the axes and uses [24, 20, 20] of 64: h = w = 5/16 of the half.
+        h = half * 5 // 16
+        return [half - 2 * h, h, h]
+    # Qwen2/2.5-VL: 1/4 time, 3/8 height, 3/8 width ([16, 24, 24] at 128).
     t = half // 4
     h = (half - t) // 2
     return [t, h, half - t - h]
 
 
+def _family_configs(family: str, ids: dict, hidden: int, layers: int, intermediate: int,
+                    heads: int, kv_heads: int, vocab: int, vision_depth: int, vision_hidden: int,
+                    vision_heads: int, vision_intermediate: int) -> tuple[dict, dict]:
+    """(text_config, vision_config) kwargs; the vision field names differ per generation."""
+    rope = {"rope_type": "default", "rope_theta": 10000.0,
+            "mrope_section": _mrope_section(hidden // heads, family)}
+    text = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
+                num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                max_position_embeddings=4096, rope_parameters=rope,
+                pad_token_id=ids["<|endoftext|>"])
+    if family == "qwen3_vl":
+        rope["mrope_interleaved"] = True
+        text["head_dim"] = hidden // heads  # its default is 128, not hidden // heads
+        # Deepstack adds the first vision layer's features to the first LM layer as well.
+        vision = dict(depth=vision_depth, hidden_size=vision_hidden,
+                      intermediate_size=vision_intermediate, num_heads=vision_heads,
+                      out_hidden_size=hidden, patch_size=16, spatial_merge_size=2,
+                      num_position_embeddings=256, deepstack_visual_indexes=[0])
+        return text, vision
+    text.update(bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"])
+    if family == "qwen2_vl":
+        # Qwen2-VL: embed_dim is the vision width, hidden_size the merger's output (= LM width).
+        vision = dict(depth=vision_depth, embed_dim=vision_hidden, hidden_size=hidden,
+                      mlp_ratio=vision_intermediate // vision_hidden, num_heads=vision_heads,
+                      patch_size=14, spatial_merge_size=2)
+    else:
+        vision = dict(depth=vision_depth, hidden_size=vision_hidden,
+                      intermediate_size=vision_intermediate, num_heads=vision_heads,
+                      out_hidden_size=hidden, fullatt_block_indexes=[vision_depth - 1],
+                      window_size=112, patch_size=14, spatial_merge_size=2)
+    return text, vision
+
+
+def _family_classes(family: str):
+    """(config, model, processor, video processor) classes and the vision patch size."""
+    import transformers as T
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+    if family == "qwen2_vl":
+        return (T.Qwen2VLConfig, T.Qwen2VLForConditionalGeneration, T.Qwen2VLProcessor,
+                Qwen2VLVideoProcessor, 14)
+    if family == "qwen2_5_vl":
+        return (T.Qwen2_5_VLConfig, T.Qwen2_5_VLForConditionalGeneration, T.Qwen2_5_VLProcessor,
+                Qwen2VLVideoProcessor, 14)
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+    return (T.Qwen3VLConfig, T.Qwen3VLForConditionalGeneration, T.Qwen3VLProcessor,
+            Qwen3VLVideoProcessor, 16)
+
+
 def build_tiny_model(out_dir: str, hidden: int = 128, layers: int = 2, intermediate: int = 256,
                      heads: int = 4, kv_heads: int = 2, vocab: int = 1024, vision_depth: int = 2,
                      vision_hidden: int = 64, vision_heads: int = 2, vision_intermediate: int = 128,
-                     max_pixels: int = 224 * 224, seed: int = 0) -> str:
-    """Write a random-weight Qwen2.5-VL checkpoint folder and return its path."""
-    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
-                              Qwen2_5_VLProcessor, Qwen2VLImageProcessor)
-    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
-    if os.path.exists(os.path.join(out_dir, "SAVE_OK")):
+                     max_pixels: int = 224 * 224, seed: int = 0, family: str = "qwen2_5_vl",
+                     fullatt_block_indexes: list[int] | None = None,
+                     dtype: str = "float32") -> str:
+    """Write a random-weight Qwen-VL checkpoint folder of the given generation (one of FAMILIES)
+    and return its path. An existing complete folder is reused if it is of the same family.
+    fullatt_block_indexes (Qwen2.5-VL: vision blocks with full, not windowed, attention; default
+    the last) and dtype (of the saved weights) let bench.py build the real 3B shapes."""
+    from transformers import Qwen2VLImageProcessor
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    marker = os.path.join(out_dir, "SAVE_OK")
+    if os.path.exists(marker):
+        with open(marker) as f:
+            found = f.read().split()[-1]
+        found = {"qwen2.5-vl": "qwen2_5_vl"}.get(found, found)  # marker of older builds
+        if found != family:
+            raise ValueError(f"{out_dir} already holds a tiny {found} model, not {family}")
         return out_dir
+    config_cls, model_cls, processor_cls, video_cls, patch = _family_classes(family)
     tokenizer = build_tokenizer(vocab, seed)
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    config = Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
-                         num_hidden_layers=layers, num_attention_heads=heads,
-                         num_key_value_heads=kv_heads, max_position_embeddings=4096,
-                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                          "mrope_section": _mrope_section(hidden // heads)},
-                         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
-                         pad_token_id=ids["<|endoftext|>"]),
-        vision_config=dict(depth=vision_depth, hidden_size=vision_hidden,
-                           intermediate_size=vision_intermediate, num_heads=vision_heads,
-                           out_hidden_size=hidden, fullatt_block_indexes=[vision_depth - 1],
-                           window_size=112, patch_size=14, spatial_merge_size=2),
+    text, vision = _family_configs(family, ids, hidden, layers, intermediate, heads, kv_heads,
+                                   vocab, vision_depth, vision_hidden, vision_heads,
+                                   vision_intermediate)
+    if fullatt_block_indexes is not None and family == "qwen2_5_vl":
+        vision["fullatt_block_indexes"] = list(fullatt_block_indexes)
+    config = config_cls(
+        text_config=text, vision_config=vision,
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-    )
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
     torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(config).to(torch.float32)
+    model = model_cls(config).to(getattr(torch, dtype))
     gen = model.generation_config
     gen.eos_token_id = [ids["<|im_end|>"], ids["<|endoftext|>"]]
     gen.pad_token_id = ids["<|endoftext|>"]
     gen.bos_token_id = ids["<|endoftext|>"]
+    # Qwen3-VL normalises pixels to [-1, 1]; the older generations use the CLIP statistics.
+    norm = dict(image_mean=[0.5] * 3, image_std=[0.5] * 3) if family == "qwen3_vl" else {}
     image_processor = Qwen2VLImageProcessor(size={"shortest_edge": 56 * 56, "longest_edge": max_pixels},
-                                            patch_size=14, merge_size=2, temporal_patch_size=2)
-    processor = Qwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                                    video_processor=Qwen2VLVideoProcessor(),
-                                    chat_template=CHAT_TEMPLATE)
+                                            patch_size=patch, merge_size=2, temporal_patch_size=2,
+                                            **norm)
+    processor = processor_cls(image_processor=image_processor, tokenizer=tokenizer,
+                              video_processor=video_cls(), chat_template=CHAT_TEMPLATE)
     tmp = out_dir.rstrip("/") + ".tmp"
     model.save_pretrained(tmp)
     processor.save_pretrained(tmp)
     with open(os.path.join(tmp, "SAVE_OK"), "w") as f:
-        f.write("tiny qwen2.5-vl\n")
+        f.write(f"tiny {family}\n")
     os.replace(tmp, out_dir)
     return out_dir
 
@@ -214,4 +280,5 @@ def make_counting_eval_set(out_dir: str, n: int = 8, seed: int = 1, size: int = 
 
 
 if __name__ == "__main__":
-    print(build_tiny_model(sys.argv[1] if len(sys.argv) > 1 else "runs/tiny-model"))
+    print(build_tiny_model(sys.argv[1] if len(sys.argv) > 1 else "runs/tiny-model",
+                           family=sys.argv[2] if len(sys.argv) > 2 else "qwen2_5_vl"))

@@ -16,6 +16,7 @@ import random
 import signal
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -46,6 +47,7 @@ class TrainState:
     kl_coef: dict = field(default_factory=dict)
     wandb_id: str = ""
     skipped_images: int = 0
+    bad_images: dict = field(default_factory=dict)  # path -> reason: a resume skips, not re-counts
     nonfinite_skips: int = 0
     nonfinite_in_a_row: int = 0
 
@@ -177,10 +179,20 @@ def train_step(cfg: Config, policies: dict, optimizers: dict, pool: ImagePool, s
     else:
         rec.update({"proposer_kl": None, "kl_coef_proposer_before": None,
                     "kl_coef_proposer_after": None, "proposer_loss": None})
-    st.skipped_images = round(dist.mean(pool.skipped) * dist.world)  # summed over ranks
+    sync_bad_images(pool, st, dist)
     rec.update(step_info=rw["step_info"], skipped_images=st.skipped_images,
                nonfinite_skips=st.nonfinite_skips, seconds=round(time.time() - t0, 4))
     return dist.gather(rec)
+
+
+def sync_bad_images(pool: ImagePool, st: TrainState, dist: Dist) -> None:
+    """Unreadable images found by any rank join one checkpointed set that every rank skips, so
+    skipped_images counts distinct files, and a resumed run neither retries nor re-counts them."""
+    new = {path: why for path, why in pool.bad.items() if path not in st.bad_images}
+    for found in dist.gather(new):
+        st.bad_images.update(found)
+        pool.bad.update(found)
+    st.skipped_images = len(st.bad_images)
 
 
 def _update_role(cfg: Config, role: str, policies: dict, optimizers: dict, episode: Episode,
@@ -258,6 +270,8 @@ def resume(cfg: Config, run_dir: str, policies: dict, optimizers: dict, st: Trai
     newest = ckpt.complete_checkpoints(run_dir)
     path = cfg.resume_from or (newest[-1][1] if newest else None)
     if path is None:
+        if dist.is_main:  # killed before its first checkpoint: every logged step will be redone
+            ckpt.truncate_log(os.path.join(run_dir, "iter_log.jsonl"), 0)
         return None
     saved = ckpt.load_checkpoint(path, policies)
     for key in ("solver_model", "proposer_model", "use_lora_solver", "use_lora_proposer"):
@@ -303,7 +317,7 @@ def start_wandb(cfg: Config, run_name: str, run_dir: str, st: TrainState):
     if cfg.wandb_mode == "disabled":
         return None
     import wandb
-    st.wandb_id = st.wandb_id or wandb.util.generate_id()
+    st.wandb_id = st.wandb_id or uuid.uuid4().hex[:12]  # stored in checkpoints: resumes the run
     return wandb.init(project=cfg.wandb_project, name=run_name, id=st.wandb_id, resume="allow",
                       mode=cfg.wandb_mode, dir=run_dir, config=cfg.to_dict())
 
@@ -331,14 +345,9 @@ def log_wandb(run, records: list[dict]) -> None:
     run.log({**data, "samples": table}, step=r["step"])
 
 
-def train(cfg: Config) -> int:
-    dist = Dist()
-    resolve_device_map(cfg, dist)
-    pool = ImagePool(cfg.data_dir, cfg.include_subfolders_list, cfg.seed, cfg.max_pixels)
-    run_name = dist.broadcast(cfg.wandb_run_name or time.strftime("run-%Y%m%d-%H%M%S"))
-    run_dir = os.path.join(cfg.output_dir, run_name)
-    os.makedirs(run_dir, exist_ok=True)
-    seed_all(cfg.seed)  # identical LoRA init on every rank
+def build_models(cfg: Config, pool: ImagePool) -> tuple[dict, dict]:
+    """Both policies and one AdamW per role; sizes the pool's images as the processor expects.
+    (bench.py builds its trainer through here too.)"""
     policies = build_policies(cfg)
     pool.min_pixels, pool.max_pixels, pool.factor = image_sizing(policies["solver"].processor,
                                                                  cfg.max_pixels)
@@ -347,6 +356,18 @@ def train(cfg: Config) -> int:
             p.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     optimizers = {r: torch.optim.AdamW(policies[r].parameters(), lr=cfg.lr,
                                        weight_decay=cfg.weight_decay) for r in ROLES}
+    return policies, optimizers
+
+
+def train(cfg: Config) -> int:
+    dist = Dist()
+    resolve_device_map(cfg, dist)
+    pool = ImagePool(cfg.data_dir, cfg.include_subfolders_list, cfg.seed, cfg.max_pixels)
+    run_name = dist.broadcast(cfg.wandb_run_name or time.strftime("run-%Y%m%d-%H%M%S"))
+    run_dir = os.path.join(cfg.output_dir, run_name)
+    os.makedirs(run_dir, exist_ok=True)
+    seed_all(cfg.seed)  # identical LoRA init on every rank
+    policies, optimizers = build_models(cfg, pool)
     st = TrainState(kl_coef={r: cfg.kl_coef for r in ROLES})
     seed_all(cfg.seed + dist.rank)  # different samples on every rank
     resumed = resume(cfg, run_dir, policies, optimizers, st, dist)
@@ -360,9 +381,22 @@ def train(cfg: Config) -> int:
     return loop(cfg, run_name, run_dir, policies, optimizers, pool, st, dist)
 
 
+def append_log(log_path: str, records: list[dict]) -> None:
+    """One JSON line per record. A file name that is not UTF-8 reaches us with lone
+    surrogates; backslashreplace writes them as \\u escapes, so the line stays valid JSON."""
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    try:
+        with open(log_path, "a", encoding="utf-8", errors="backslashreplace") as f:
+            f.write(text)
+    except OSError as e:
+        raise UserError(f"writing {log_path} failed ({e.strerror or e}); the last checkpoint is "
+                        f"intact: free space, then rerun the same command to resume") from e
+
+
 def loop(cfg, run_name, run_dir, policies, optimizers, pool, st, dist) -> int:
     stop, rng, saved_step = Stop(), rng_state(), st.step
-    pool.skipped = st.skipped_images if dist.is_main else 0  # ranks' counts sum to the total
+    listed = set(pool.paths)  # a file since removed from the folder must not count as a pool file
+    pool.bad.update({path: why for path, why in st.bad_images.items() if path in listed})
     wandb_run = start_wandb(cfg, run_name, run_dir, st) if dist.is_main else None
     log_path = os.path.join(run_dir, "iter_log.jsonl")
     bar = tqdm(total=cfg.total_steps, initial=st.step, disable=not dist.is_main, desc=run_name)
@@ -372,8 +406,7 @@ def loop(cfg, run_name, run_dir, policies, optimizers, pool, st, dist) -> int:
             break  # a signal arrived mid-rollout: step abandoned, state is still step - 1's
         st.step, rng = step, rng_state()
         if dist.is_main:
-            with open(log_path, "a", encoding="utf-8") as f:
-                f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+            append_log(log_path, records)
             log_wandb(wandb_run, records)
             r = records[0]
             bar.update(1)

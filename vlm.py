@@ -175,7 +175,13 @@ def _mm_kwargs(prompt: Prompt, n: int) -> dict:
     if prompt.image_features is None:
         return {"pixel_values": prompt.inputs["pixel_values"].repeat(n, 1), "image_grid_thw": grid}
     feats = prompt.image_features
-    rows = BaseModelOutputWithPooling(pooler_output=tuple(feats.pooler_output) * n)
+    # A fresh output object per call: generate() rewrites its fields in place. Qwen3-VL's
+    # deepstack features are per image like pooler_output, so they are repeated alongside;
+    # dropping them would silently change the logits (tests/test_families.py checks this).
+    extra = {}
+    if getattr(feats, "deepstack_features", None) is not None:
+        extra["deepstack_features"] = [tuple(layer) * n for layer in feats.deepstack_features]
+    rows = type(feats)(pooler_output=tuple(feats.pooler_output) * n, **extra)
     return {"mm_encoder_outputs": {"image": rows}, "image_grid_thw": grid}
 
 

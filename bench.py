@@ -1,0 +1,335 @@
+"""Time real iReasoner training steps on a random-weight Qwen2.5-VL, against a reference-style step.
+
+    /work/venv/bin/python bench.py                       # tiny defaults, CPU, float32
+    /work/venv/bin/python bench.py --steps 3 --json /tmp/bench.json
+    python bench.py --preset 3b --device cuda --dtype bfloat16   # Qwen2.5-VL-3B shapes, on a GPU
+
+Our step is train.train_step itself (rollout -> rewards -> updates); the phases are timed by
+wrapping the functions train.py calls. The yardstick re-creates the published reference's step
+in one process: N separate generate calls, text re-tokenized for the loss, full-sequence
+full-vocabulary log-softmax, image re-encoded every forward, N backward passes and optimizer steps.
+Random weights rarely emit eos, so every completion runs to max_new_tokens.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import resource
+import statistics
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+
+import tiny
+import train
+from config import Config
+from data_and_utils import ImagePool, extract_question, proposer_prompt, solver_prompt
+from distributed import Dist
+from vlm import acting, reference, suppressed_ids
+
+# The seed repository's target list; mm_projector matches no language-model Linear (warned, skipped).
+SEED_LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,mm_projector"
+MODEL_FLAGS = dict(hidden=256, layers=4, intermediate=512, heads=4, kv_heads=2, vocab=4096,
+                   vision_depth=2, vision_hidden=64, vision_heads=2, vision_intermediate=128,
+                   fullatt_block_indexes="", max_pixels=224 * 224)
+# Qwen2.5-VL-3B-Instruct's shapes, including the real vision tower.
+PRESET_3B = dict(hidden=2048, layers=36, intermediate=11008, heads=16, kv_heads=2, vocab=151936,
+                 vision_depth=32, vision_hidden=1280, vision_heads=16, vision_intermediate=3420,
+                 fullatt_block_indexes="7,15,23,31", max_pixels=1024 * 28 * 28)
+PHASES = ("prompts", "proposer_generate", "solver_generate", "rewards", "solver_update",
+          "proposer_update")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    for name, default in MODEL_FLAGS.items():
+        p.add_argument(f"--{name}", type=type(default), default=None,
+                       help=f"model shape (default {default!r}; --preset 3b sets the 3B value)")
+    p.add_argument("--preset", choices=("tiny", "3b"), default="tiny")
+    p.add_argument("--steps", type=int, default=6, help="our steps; the first is a warm-up")
+    p.add_argument("--baseline_steps", type=int, default=3, help="reference-style steps (0 = skip)")
+    p.add_argument("--max_new_tokens_solver", type=int, default=128)
+    p.add_argument("--max_new_tokens_proposer", type=int, default=48)
+    p.add_argument("--num_solver_samples", type=int, default=5)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = all cores)")
+    p.add_argument("--update_micro_batch", type=int, default=0)
+    p.add_argument("--gradient_checkpointing", action="store_true")
+    p.add_argument("--attn_implementation", default="sdpa")
+    p.add_argument("--runs", default="runs", help="cache folder for the model and images")
+    p.add_argument("--json", default="", help="also write the figures to this JSON file")
+    args = p.parse_args(argv)
+    preset = PRESET_3B if args.preset == "3b" else MODEL_FLAGS
+    for name in MODEL_FLAGS:
+        if getattr(args, name) is None:
+            setattr(args, name, preset[name])
+    return args
+
+
+# ---------------------------------------------------------------- setup
+def build_model(args) -> str:
+    """The random checkpoint, cached under runs/ by its shape (built through from_pretrained)."""
+    shape = {k: getattr(args, k) for k in MODEL_FLAGS}
+    name = f"bench-model-h{args.hidden}-l{args.layers}-v{args.vocab}"
+    if any(shape[k] != MODEL_FLAGS[k] for k in MODEL_FLAGS if k not in ("hidden", "layers", "vocab")):
+        name += "-" + hashlib.sha1(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:8]
+    fullatt = [int(i) for i in args.fullatt_block_indexes.split(",") if i.strip()] or None
+    kw = {k: v for k, v in shape.items() if k != "fullatt_block_indexes"}
+    return tiny.build_tiny_model(os.path.join(args.runs, name), **kw, fullatt_block_indexes=fullatt,
+                                 dtype=args.dtype)
+
+
+def make_config(args, model_dir: str, images: str) -> Config:
+    return Config(data_dir=images, solver_model=model_dir, proposer_model=model_dir,
+                  dtype=args.dtype, device_map="cuda:0" if args.device == "cuda" else "cpu",
+                  attn_implementation=args.attn_implementation,
+                  gradient_checkpointing=args.gradient_checkpointing,
+                  use_lora_solver=True, use_lora_proposer=True, lora_targets=SEED_LORA_TARGETS,
+                  lora_r=16, lora_alpha=32, num_solver_samples=args.num_solver_samples,
+                  max_new_tokens_solver=args.max_new_tokens_solver,
+                  max_new_tokens_proposer=args.max_new_tokens_proposer,
+                  total_steps=max(args.steps, args.baseline_steps), proposer_update_freq=5,
+                  kl_estimator="exact", update_micro_batch=args.update_micro_batch,
+                  max_pixels=args.max_pixels, output_dir=args.runs, wandb_mode="disabled")
+
+
+# ---------------------------------------------------------------- timing
+class Split:
+    """Seconds per phase within one step, and generated tokens."""
+    def __init__(self, device: str):
+        self.cuda = device == "cuda"
+        self.reset()
+
+    def reset(self):
+        self.seconds, self.calls, self.tokens = defaultdict(float), defaultdict(int), 0
+
+    def now(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    @contextmanager
+    def phase(self, name: str):
+        t0 = self.now()
+        yield
+        self.seconds[name] += self.now() - t0
+        self.calls[name] += 1
+
+
+@contextmanager
+def timed_train_functions(split: Split):
+    """Wrap the functions train.train_step reaches through train's module globals."""
+    originals = {n: getattr(train, n) for n in ("make_prompt", "generate", "compute_rewards",
+                                                "update_policy")}
+
+    def make_prompt(policy, *a, **kw):
+        with split.phase("prompts"):
+            return originals["make_prompt"](policy, *a, **kw)
+
+    def generate(policy, *a, **kw):
+        with split.phase(f"{policy.role}_generate"):
+            out = originals["generate"](policy, *a, **kw)
+        split.tokens += int(out.mask.sum())
+        return out
+
+    def compute_rewards(*a, **kw):
+        with split.phase("rewards"):
+            return originals["compute_rewards"](*a, **kw)
+
+    def update_policy(cfg, policy, *a, **kw):
+        with split.phase(f"{policy.role}_update"):
+            return originals["update_policy"](cfg, policy, *a, **kw)
+
+    for name, fn in (("make_prompt", make_prompt), ("generate", generate),
+                     ("compute_rewards", compute_rewards), ("update_policy", update_policy)):
+        setattr(train, name, fn)
+    try:
+        yield
+    finally:
+        for name, fn in originals.items():
+            setattr(train, name, fn)
+
+
+def run_ours(cfg, args, policies, optimizers, pool, st, dist, stop) -> list[dict]:
+    split, records = Split(args.device), []
+    with timed_train_functions(split):
+        for step in range(1, args.steps + 1):
+            split.reset()
+            t0 = split.now()
+            if train.train_step(cfg, policies, optimizers, pool, st, step, dist, stop) is None:
+                raise SystemExit("interrupted")
+            records.append(_record(split, split.now() - t0))
+            print(f"  step {step}: {records[-1]['seconds']:.3f} s", flush=True)
+    return records
+
+
+def _record(split: Split, seconds: float) -> dict:
+    return {"seconds": seconds, "tokens": split.tokens, "phases": dict(split.seconds),
+            "calls": dict(split.calls)}
+
+
+# ---------------------------------------------------------------- the reference-style yardstick
+def reference_step(cfg, policies, optimizers, image, st, step, split: Split) -> None:
+    """One step the way the published reference ran it (same N, tokens, rewards, schedule)."""
+    proposer, solver = policies["proposer"], policies["solver"]
+    p_chat = _chat(proposer, proposer_prompt())
+    with split.phase("proposer_generate"):
+        p_text = _ref_generate(cfg, proposer, image, p_chat, cfg.max_new_tokens_proposer, split)
+    s_chat = _chat(solver, solver_prompt(extract_question(p_text)))
+    with split.phase("solver_generate"):
+        texts = [_ref_generate(cfg, solver, image, s_chat, cfg.max_new_tokens_solver, split)
+                 for _ in range(cfg.num_solver_samples)]
+    with split.phase("rewards"):
+        rw = train.compute_rewards(cfg, solver, texts, step)
+    with split.phase("solver_update"):
+        adv = train.advantages_for(rw["reward_final"], st.baseline["solver"])
+        for text, a in zip(texts, adv.tolist()):
+            _ref_update(cfg, solver, optimizers["solver"], image, s_chat, text, a,
+                        st.kl_coef["solver"])
+    if step % cfg.proposer_update_freq == 0:
+        with split.phase("proposer_update"):
+            _ref_update(cfg, proposer, optimizers["proposer"], image, p_chat, p_text,
+                        rw["proposer_reward"] - st.baseline["proposer"], st.kl_coef["proposer"])
+
+
+def _chat(policy, text: str) -> str:
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+    return policy.processor.apply_chat_template(messages, add_generation_prompt=True,
+                                                tokenize=False)
+
+
+@torch.no_grad()
+def _ref_generate(cfg, policy, image, chat: str, max_new_tokens: int, split: Split) -> str:
+    inputs = policy.processor(text=[chat], images=[image], return_tensors="pt").to(policy.device)
+    with acting(policy) as model:
+        model.eval()
+        out = model.generate(**inputs, do_sample=True, temperature=cfg.temp, top_p=cfg.top_p,
+                             top_k=0, max_new_tokens=max_new_tokens,
+                             suppress_tokens=suppressed_ids(policy.processor))
+    ids = out[0, inputs["input_ids"].shape[1]:]
+    eos = torch.tensor(model.generation_config.eos_token_id, device=ids.device).reshape(-1)
+    hits = torch.isin(ids, eos).nonzero()
+    split.tokens += int(hits[0, 0]) + 1 if len(hits) else ids.numel()
+    return policy.processor.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def _ref_update(cfg, policy, optimizer, image, chat: str, text: str, adv: float, beta: float):
+    """Re-tokenize prompt + text, full forward (image re-encoded), log-softmax over every position
+    and the whole vocabulary, a separate reference forward, then its own backward and step."""
+    proc = policy.processor
+    prompt_len = proc(text=[chat], images=[image], return_tensors="pt")["input_ids"].shape[1]
+    full = proc(text=[chat + text], images=[image], return_tensors="pt").to(policy.device)
+    targets = full["input_ids"][:, prompt_len:]
+    if targets.shape[1] == 0:
+        return
+    with acting(policy) as model:
+        model.train()
+        logp = F.log_softmax(model(**full).logits.float(), dim=-1)
+    with torch.no_grad(), reference(policy) as ref:
+        ref.eval()
+        ref_logp = F.log_softmax(ref(**full).logits.float(), dim=-1)
+        ref.train()
+    pos = slice(prompt_len - 1, -1)
+    tok = logp[:, pos].gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    kl = (logp[:, pos].exp() * (logp[:, pos] - ref_logp[:, pos])).sum(-1).mean()
+    loss = -adv * tok.mean() + beta * kl
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
+    optimizer.step()
+
+
+def run_reference(cfg, args, policies, optimizers, pool, st) -> list[dict]:
+    split, records = Split(args.device), []
+    for step in range(1, args.baseline_steps + 1):
+        _, image = pool.get(step - 1)
+        split.reset()
+        t0 = split.now()
+        reference_step(cfg, policies, optimizers, image, st, step, split)
+        records.append(_record(split, split.now() - t0))
+        print(f"  reference-style step {step}: {records[-1]['seconds']:.3f} s", flush=True)
+    return records
+
+
+# ---------------------------------------------------------------- report
+def summarize(records: list[dict]) -> dict:
+    """Median s/step after the warm-up; phases as mean seconds per measured step."""
+    measured = records[1:] or records
+    n = len(measured)
+    phases = {p: sum(r["phases"].get(p, 0.0) for r in measured) / n for p in PHASES}
+    calls = {p: sum(r["calls"].get(p, 0) for r in measured) for p in PHASES}
+    gen = sum(r["phases"].get(p, 0.0) for r in measured for p in PHASES if p.endswith("generate"))
+    tokens = sum(r["tokens"] for r in measured)
+    return {"seconds_per_step": statistics.median(r["seconds"] for r in measured),
+            "seconds_per_step_mean": statistics.mean(r["seconds"] for r in measured),
+            "step_seconds": [round(r["seconds"], 4) for r in records],
+            "phases_seconds_per_step": phases,
+            "proposer_update_seconds_per_call": (phases["proposer_update"] * n /
+                                                 calls["proposer_update"]
+                                                 if calls["proposer_update"] else None),
+            "tokens_per_step": tokens / n, "generated_tokens_per_second": tokens / max(gen, 1e-9)}
+
+
+def peak_memory_mib(device: str) -> float:
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def print_summary(name: str, s: dict, memory_label: str) -> None:
+    print(f"\n{name}: {s['seconds_per_step']:.3f} s/step (median after 1 warm-up; mean "
+          f"{s['seconds_per_step_mean']:.3f}), {s['generated_tokens_per_second']:.0f} generated "
+          f"tokens/s, {s['tokens_per_step']:.0f} tokens/step, {memory_label}")
+    total = sum(s["phases_seconds_per_step"].values()) or 1.0
+    for phase, sec in s["phases_seconds_per_step"].items():
+        extra = ""
+        if phase == "proposer_update" and s["proposer_update_seconds_per_call"]:
+            extra = f"  ({s['proposer_update_seconds_per_call']:.3f} s per call, every 5th step)"
+        print(f"  {phase:<18} {sec:7.3f} s/step {100 * sec / total:5.1f}%{extra}")
+
+
+# ---------------------------------------------------------------- main
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model_dir = build_model(args)
+    images = tiny.make_synthetic_images(os.path.join(args.runs, "bench-images"), n=12)
+    cfg = make_config(args, model_dir, images)
+    dist, stop = Dist(), train.Stop()
+    pool = ImagePool(cfg.data_dir, [], cfg.seed, cfg.max_pixels)
+    train.seed_all(cfg.seed)
+    policies, optimizers = train.build_models(cfg, pool)
+    st = train.TrainState(kl_coef={r: cfg.kl_coef for r in train.ROLES})
+    print(f"bench: {model_dir} on {args.device}/{args.dtype}, {torch.get_num_threads()} threads, "
+          f"N={cfg.num_solver_samples}, {cfg.max_new_tokens_proposer}+{cfg.num_solver_samples}x"
+          f"{cfg.max_new_tokens_solver} new tokens, LoRA r{cfg.lora_r}, exact KL", flush=True)
+    ours = summarize(run_ours(cfg, args, policies, optimizers, pool, st, dist, stop))
+    ours["peak_memory_mib"] = peak_memory_mib(args.device)
+    memory = "peak " + ("CUDA allocated" if args.device == "cuda" else "RSS")
+    print_summary("ours", ours, f"{memory} {ours['peak_memory_mib']:.0f} MiB")
+    result = {"args": vars(args), "threads": torch.get_num_threads(), "ours": ours}
+    if args.baseline_steps:
+        if args.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        ref = summarize(run_reference(cfg, args, policies, optimizers, pool, st))
+        ref["peak_memory_mib"] = peak_memory_mib(args.device)
+        print_summary("reference-style", ref, f"{memory} (whole process) "
+                                              f"{ref['peak_memory_mib']:.0f} MiB")
+        result.update(reference=ref, speedup=ref["seconds_per_step"] / ours["seconds_per_step"])
+        print(f"\nspeed-up vs reference-style step: {result['speedup']:.1f}x")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+        print(f"wrote {args.json}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
