@@ -118,15 +118,14 @@ def compute_rewards(cfg: Config, solver: Policy, texts: list[str], step: int) ->
             "step_info": step_info}
 
 
-def update_policy(cfg: Config, policy: Policy, optimizer, episode: Episode,
-                  advantages: torch.Tensor, beta: float, dist: Dist) -> dict:
-    """One REINFORCE + KL step over all completions: loss = mean_i(A_i NLL_i) + beta KL.
-    Chunks of update_micro_batch completions accumulate into exactly the unchunked gradient."""
+def accumulate_gradients(cfg: Config, policy: Policy, episode: Episode, advantages: torch.Tensor,
+                         beta: float) -> tuple[float, float]:
+    """Backward of loss = mean_i(A_i NLL_i) + beta KL over all completions, adding into .grad.
+    Chunks of update_micro_batch completions sum to exactly the unchunked gradient.
+    Returns (loss, KL summed over tokens)."""
     ids, mask = episode.rollout.ids, episode.rollout.mask
     n, tokens = ids.shape[0], mask.sum().clamp(min=1)
     chunk = cfg.update_micro_batch or n
-    params = policy.parameters()
-    optimizer.zero_grad(set_to_none=True)
     loss_sum, kl_sum = 0.0, 0.0
     with acting(policy) as model:
         for lo in range(0, n, chunk):
@@ -142,14 +141,25 @@ def update_policy(cfg: Config, policy: Policy, optimizer, episode: Episode,
             loss.backward()
             loss_sum += loss.item()
             kl_sum += kl.item()
+    return loss_sum, kl_sum
+
+
+def update_policy(cfg: Config, policy: Policy, optimizer, episode: Episode,
+                  advantages: torch.Tensor, beta: float, dist: Dist) -> dict:
+    """One REINFORCE + KL optimizer step; gradients are averaged over ranks before clipping.
+    A non-finite loss or gradient on any rank skips the step on all ranks."""
+    params = policy.parameters()
+    optimizer.zero_grad(set_to_none=True)
+    loss, kl_sum = accumulate_gradients(cfg, policy, episode, advantages, beta)
     dist.average_gradients(params)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-    finite = not dist.any(not (math.isfinite(loss_sum) and torch.isfinite(grad_norm).item()))
+    finite = not dist.any(not (math.isfinite(loss) and torch.isfinite(grad_norm).item()))
     if finite:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return {"loss": loss_sum, "kl": kl_sum / tokens.item(), "grad_norm": grad_norm.item(),
-            "finite": finite}
+    tokens = max(int(episode.rollout.mask.sum()), 1)
+    return {"loss": loss, "kl": kl_sum / tokens, "grad_norm": grad_norm.item(), "finite": finite}
+
 
 
 
@@ -180,7 +190,10 @@ def train_step(cfg: Config, policies: dict, optimizers: dict, pool: ImagePool, s
         rec.update({"proposer_kl": None, "kl_coef_proposer_before": None,
                     "kl_coef_proposer_after": None, "proposer_loss": None})
     sync_bad_images(pool, st, dist)
+    # Ranks must hold identical adapters; the checksum in every record lets anyone check.
+    checksum = sum(p.detach().double().sum().item() for p in solver.parameters())
     rec.update(step_info=rw["step_info"], skipped_images=st.skipped_images,
+               solver_param_checksum=checksum,
                nonfinite_skips=st.nonfinite_skips, seconds=round(time.time() - t0, 4))
     return dist.gather(rec)
 
@@ -265,10 +278,12 @@ def resolve_device_map(cfg: Config, dist: Dist) -> None:
 def resume(cfg: Config, run_dir: str, policies: dict, optimizers: dict, st: TrainState,
            dist: Dist) -> str | None:
     """Restore the newest complete checkpoint (or --resume_from). Returns its path."""
-    if dist.is_main:
+    path = None
+    if dist.is_main:  # rank 0 decides, so every rank resumes from the same checkpoint
         ckpt.remove_temporaries(run_dir)
-    newest = ckpt.complete_checkpoints(run_dir)
-    path = cfg.resume_from or (newest[-1][1] if newest else None)
+        newest = ckpt.complete_checkpoints(run_dir)
+        path = cfg.resume_from or (newest[-1][1] if newest else None)
+    path = dist.broadcast(path)
     if path is None:
         if dist.is_main:  # killed before its first checkpoint: every logged step will be redone
             ckpt.truncate_log(os.path.join(run_dir, "iter_log.jsonl"), 0)
@@ -400,27 +415,30 @@ def loop(cfg, run_name, run_dir, policies, optimizers, pool, st, dist) -> int:
     wandb_run = start_wandb(cfg, run_name, run_dir, st) if dist.is_main else None
     log_path = os.path.join(run_dir, "iter_log.jsonl")
     bar = tqdm(total=cfg.total_steps, initial=st.step, disable=not dist.is_main, desc=run_name)
-    for step in range(st.step + 1, cfg.total_steps + 1):
-        records = train_step(cfg, policies, optimizers, pool, st, step, dist, stop)
-        if records is None:
-            break  # a signal arrived mid-rollout: step abandoned, state is still step - 1's
-        st.step, rng = step, rng_state()
-        if dist.is_main:
-            append_log(log_path, records)
-            log_wandb(wandb_run, records)
-            r = records[0]
-            bar.update(1)
-            bar.set_postfix(reward=f"{np.mean(r['reward_final']):.3f}",
-                            maj=f"{r['dominant_count']}/{cfg.num_solver_samples}",
-                            kl=f"{r['solver_kl']:.2e}")
-        if step % cfg.save_every == 0 or step == cfg.total_steps:
-            save(cfg, run_dir, policies, optimizers, st, rng, dist)
-            saved_step = step
-        if cfg.clear_cache_every and step % cfg.clear_cache_every == 0 and torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        if dist.any(bool(stop.signum)):
-            break
-    bar.close()
+    try:
+        for step in range(st.step + 1, cfg.total_steps + 1):
+            records = train_step(cfg, policies, optimizers, pool, st, step, dist, stop)
+            if records is None:
+                break  # a signal arrived mid-rollout: step abandoned, state is still step - 1's
+            st.step, rng = step, rng_state()
+            if dist.is_main:
+                append_log(log_path, records)
+                log_wandb(wandb_run, records)
+                r = records[0]
+                bar.update(1)
+                bar.set_postfix(reward=f"{np.mean(r['reward_final']):.3f}",
+                                maj=f"{r['dominant_count']}/{cfg.num_solver_samples}",
+                                kl=f"{r['solver_kl']:.2e}")
+            if step % cfg.save_every == 0 or step == cfg.total_steps:
+                save(cfg, run_dir, policies, optimizers, st, rng, dist)
+                saved_step = step
+            if (cfg.clear_cache_every and step % cfg.clear_cache_every == 0
+                    and torch.cuda.is_available()):
+                torch.cuda.empty_cache()
+            if dist.any(bool(stop.signum)):
+                break
+    finally:  # closed on errors too, so `error: ...` gets its own line, not the bar's
+        bar.close()
     if st.step != saved_step:
         save(cfg, run_dir, policies, optimizers, st, rng, dist)
     if wandb_run is not None:
