@@ -40,8 +40,9 @@ class Config:
     proposer_model: str = _help("HF id or local folder of the Proposer backbone.",
                                 default="Qwen/Qwen2.5-VL-7B-Instruct")
     dtype: str = _help(f"Model dtype: one of {DTYPES}.", default="bfloat16")
-    device_map: str = _help("'auto' shards one model over all visible GPUs; or 'cpu', 'cuda:0'.",
-                            default="auto")
+    device_map: str = _help("'auto' shards one model over the visible GPUs (one process); 'local' "
+                            "puts a full copy on each rank's own device (data parallel); or "
+                            "'cpu', 'cuda:0'.", default="auto")
     attn_implementation: str = _help(f"Attention kernel: one of {ATTN_IMPLEMENTATIONS}.",
                                      default="sdpa")
     gradient_checkpointing: bool = _help("Recompute activations in the update pass to save memory.",
