@@ -41,6 +41,7 @@ MODEL_FLAGS = dict(hidden=256, layers=4, intermediate=512, heads=4, kv_heads=2, 
 PRESET_3B = dict(hidden=2048, layers=36, intermediate=11008, heads=16, kv_heads=2, vocab=151936,
                  vision_depth=32, vision_hidden=1280, vision_heads=16, vision_intermediate=3420,
                  fullatt_block_indexes="7,15,23,31", max_pixels=1024 * 28 * 28)
+DEFAULT_THREADS = torch.get_num_threads()  # before we change it: what an untouched run uses
 PHASES = ("prompts", "proposer_generate", "solver_generate", "rewards", "solver_update",
           "proposer_update")
 
@@ -53,12 +54,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--preset", choices=("tiny", "3b"), default="tiny")
     p.add_argument("--steps", type=int, default=6, help="our steps; the first is a warm-up")
     p.add_argument("--baseline_steps", type=int, default=3, help="reference-style steps (0 = skip)")
+    p.add_argument("--baseline_threads", default="same,default",
+                   help="thread counts for the reference-style runs: 'same' as --threads, "
+                        "'default' (torch's, which the published reference ran with) or numbers")
     p.add_argument("--max_new_tokens_solver", type=int, default=128)
     p.add_argument("--max_new_tokens_proposer", type=int, default=48)
     p.add_argument("--num_solver_samples", type=int, default=5)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
-    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = all cores)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads (0 = torch's default, all cores). 1 is fastest here: "
+                        "the per-token ops are too small to split, and OpenMP's spin-waiting makes a "
+                        "second thread very slow whenever another process wants that core")
     p.add_argument("--update_micro_batch", type=int, default=0)
     p.add_argument("--gradient_checkpointing", action="store_true")
     p.add_argument("--attn_implementation", default="sdpa")
@@ -101,32 +108,35 @@ def make_config(args, model_dir: str, images: str) -> Config:
 
 # ---------------------------------------------------------------- timing
 class Split:
-    """Seconds per phase within one step, and generated tokens."""
+    """Wall and CPU seconds per phase within one step, and the tokens generated. CPU seconds of
+    this process are kept beside wall time: on a shared machine, wall time alone hides contention."""
     def __init__(self, device: str):
         self.cuda = device == "cuda"
         self.reset()
 
     def reset(self):
-        self.seconds, self.calls, self.tokens = defaultdict(float), defaultdict(int), 0
+        self.wall, self.cpu = defaultdict(float), defaultdict(float)
+        self.tokens = 0
 
-    def now(self) -> float:
+    def now(self) -> tuple[float, float]:
         if self.cuda:
             torch.cuda.synchronize()
-        return time.perf_counter()
+        return time.perf_counter(), time.process_time()
 
     @contextmanager
     def phase(self, name: str):
-        t0 = self.now()
+        wall, cpu = self.now()
         yield
-        self.seconds[name] += self.now() - t0
-        self.calls[name] += 1
+        wall2, cpu2 = self.now()
+        self.wall[name] += wall2 - wall
+        self.cpu[name] += cpu2 - cpu
 
 
 @contextmanager
 def timed_train_functions(split: Split):
     """Wrap the functions train.train_step reaches through train's module globals."""
-    originals = {n: getattr(train, n) for n in ("make_prompt", "generate", "compute_rewards",
-                                                "update_policy")}
+    names = ("make_prompt", "generate", "compute_rewards", "update_policy")
+    originals = {n: getattr(train, n) for n in names}
 
     def make_prompt(policy, *a, **kw):
         with split.phase("prompts"):
@@ -146,8 +156,8 @@ def timed_train_functions(split: Split):
         with split.phase(f"{policy.role}_update"):
             return originals["update_policy"](cfg, policy, *a, **kw)
 
-    for name, fn in (("make_prompt", make_prompt), ("generate", generate),
-                     ("compute_rewards", compute_rewards), ("update_policy", update_policy)):
+    wrappers = (make_prompt, generate, compute_rewards, update_policy)
+    for name, fn in zip(names, wrappers):
         setattr(train, name, fn)
     try:
         yield
@@ -156,22 +166,28 @@ def timed_train_functions(split: Split):
             setattr(train, name, fn)
 
 
-def run_ours(cfg, args, policies, optimizers, pool, st, dist, stop) -> list[dict]:
-    split, records = Split(args.device), []
-    with timed_train_functions(split):
-        for step in range(1, args.steps + 1):
-            split.reset()
-            t0 = split.now()
-            if train.train_step(cfg, policies, optimizers, pool, st, step, dist, stop) is None:
-                raise SystemExit("interrupted")
-            records.append(_record(split, split.now() - t0))
-            print(f"  step {step}: {records[-1]['seconds']:.3f} s", flush=True)
+def timed_steps(label: str, split: Split, steps: int, run_step) -> list[dict]:
+    records = []
+    for step in range(1, steps + 1):
+        split.reset()
+        wall, cpu = split.now()
+        run_step(step)
+        wall2, cpu2 = split.now()
+        records.append({"seconds": wall2 - wall, "cpu_seconds": cpu2 - cpu, "tokens": split.tokens,
+                        "wall": dict(split.wall), "cpu": dict(split.cpu)})
+        print(f"  {label} step {step}: {wall2 - wall:.3f} s (cpu {cpu2 - cpu:.3f} s)", flush=True)
     return records
 
 
-def _record(split: Split, seconds: float) -> dict:
-    return {"seconds": seconds, "tokens": split.tokens, "phases": dict(split.seconds),
-            "calls": dict(split.calls)}
+def run_ours(cfg, args, policies, optimizers, pool, st, dist, stop) -> list[dict]:
+    split = Split(args.device)
+
+    def run_step(step):
+        if train.train_step(cfg, policies, optimizers, pool, st, step, dist, stop) is None:
+            raise SystemExit("interrupted by a signal")
+
+    with timed_train_functions(split):
+        return timed_steps("our", split, args.steps, run_step)
 
 
 # ---------------------------------------------------------------- the reference-style yardstick
@@ -246,34 +262,37 @@ def _ref_update(cfg, policy, optimizer, image, chat: str, text: str, adv: float,
 
 
 def run_reference(cfg, args, policies, optimizers, pool, st) -> list[dict]:
-    split, records = Split(args.device), []
-    for step in range(1, args.baseline_steps + 1):
+    split = Split(args.device)
+
+    def run_step(step):
         _, image = pool.get(step - 1)
-        split.reset()
-        t0 = split.now()
         reference_step(cfg, policies, optimizers, image, st, step, split)
-        records.append(_record(split, split.now() - t0))
-        print(f"  reference-style step {step}: {records[-1]['seconds']:.3f} s", flush=True)
-    return records
+
+    return timed_steps("reference-style", split, args.baseline_steps, run_step)
 
 
 # ---------------------------------------------------------------- report
 def summarize(records: list[dict]) -> dict:
-    """Median s/step after the warm-up; phases as mean seconds per measured step."""
+    """Medians over the steps after the warm-up. A phase's figure is per step, amortized: the
+    median over the steps it ran in, times the share of steps it ran in (the proposer update
+    runs every proposer_update_freq-th step)."""
     measured = records[1:] or records
-    n = len(measured)
-    phases = {p: sum(r["phases"].get(p, 0.0) for r in measured) / n for p in PHASES}
-    calls = {p: sum(r["calls"].get(p, 0) for r in measured) for p in PHASES}
-    gen = sum(r["phases"].get(p, 0.0) for r in measured for p in PHASES if p.endswith("generate"))
-    tokens = sum(r["tokens"] for r in measured)
+    phases = {}
+    for p in PHASES:
+        ran = [r for r in measured if p in r["wall"]]
+        share = len(ran) / len(measured)
+        phases[p] = {key: share * statistics.median(r[key][p] for r in ran) if ran else 0.0
+                     for key in ("wall", "cpu")}
+        phases[p]["per_call"] = statistics.median(r["wall"][p] for r in ran) if ran else None
+    gen = sum(phases[p]["wall"] for p in PHASES if p.endswith("generate"))
+    tokens = statistics.median(r["tokens"] for r in measured)
     return {"seconds_per_step": statistics.median(r["seconds"] for r in measured),
+            "cpu_seconds_per_step": statistics.median(r["cpu_seconds"] for r in measured),
             "seconds_per_step_mean": statistics.mean(r["seconds"] for r in measured),
             "step_seconds": [round(r["seconds"], 4) for r in records],
-            "phases_seconds_per_step": phases,
-            "proposer_update_seconds_per_call": (phases["proposer_update"] * n /
-                                                 calls["proposer_update"]
-                                                 if calls["proposer_update"] else None),
-            "tokens_per_step": tokens / n, "generated_tokens_per_second": tokens / max(gen, 1e-9)}
+            "step_cpu_seconds": [round(r["cpu_seconds"], 4) for r in records],
+            "phases": phases, "tokens_per_step": tokens,
+            "generated_tokens_per_second": tokens / max(gen, 1e-9)}
 
 
 def peak_memory_mib(device: str) -> float:
@@ -283,22 +302,57 @@ def peak_memory_mib(device: str) -> float:
 
 
 def print_summary(name: str, s: dict, memory_label: str) -> None:
-    print(f"\n{name}: {s['seconds_per_step']:.3f} s/step (median after 1 warm-up; mean "
-          f"{s['seconds_per_step_mean']:.3f}), {s['generated_tokens_per_second']:.0f} generated "
-          f"tokens/s, {s['tokens_per_step']:.0f} tokens/step, {memory_label}")
-    total = sum(s["phases_seconds_per_step"].values()) or 1.0
-    for phase, sec in s["phases_seconds_per_step"].items():
+    print(f"\n{name}: {s['seconds_per_step']:.3f} s/step (median after 1 warm-up; cpu "
+          f"{s['cpu_seconds_per_step']:.3f} s, mean wall {s['seconds_per_step_mean']:.3f} s), "
+          f"{s['generated_tokens_per_second']:.0f} generated tokens/s, {s['tokens_per_step']:.0f} "
+          f"tokens/step, {memory_label}")
+    total = sum(v["wall"] for v in s["phases"].values()) or 1.0
+    for phase, v in s["phases"].items():
         extra = ""
-        if phase == "proposer_update" and s["proposer_update_seconds_per_call"]:
-            extra = f"  ({s['proposer_update_seconds_per_call']:.3f} s per call, every 5th step)"
-        print(f"  {phase:<18} {sec:7.3f} s/step {100 * sec / total:5.1f}%{extra}")
+        if phase == "proposer_update" and v["per_call"] is not None:
+            extra = f"  ({v['per_call']:.3f} s per call, every 5th step)"
+        print(f"  {phase:<18} {v['wall']:7.3f} s/step (cpu {v['cpu']:6.3f}) "
+              f"{100 * v['wall'] / total:5.1f}%{extra}")
 
 
 # ---------------------------------------------------------------- main
+def thread_settings(spec: str, ours: int) -> list[int]:
+    """--baseline_threads entries: 'same' (ours), 'default' (torch's, as the reference ran) or N."""
+    counts = []
+    for item in (x.strip() for x in spec.split(",") if x.strip()):
+        n = ours if item == "same" else DEFAULT_THREADS if item == "default" else int(item)
+        if n not in counts:
+            counts.append(n)
+    return counts
+
+
+def run_baselines(cfg, args, policies, optimizers, pool, st, ours: dict, memory: str) -> list:
+    """The reference-style step at each requested thread count; the speed-up of ours over each."""
+    results = []
+    for threads in thread_settings(args.baseline_threads, torch.get_num_threads()):
+        torch.set_num_threads(threads)
+        if args.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        ref = summarize(run_reference(cfg, args, policies, optimizers, pool, st))
+        ref.update(threads=threads, peak_memory_mib=peak_memory_mib(args.device),
+                   speedup=ref["seconds_per_step"] / ours["seconds_per_step"])
+        label = "torch's default, as the published reference ran" if threads == DEFAULT_THREADS \
+            else "ours' setting"
+        print_summary(f"reference-style ({threads} threads, {label})", ref,
+                      f"{memory} (whole process) {ref['peak_memory_mib']:.0f} MiB")
+        results.append(ref)
+    torch.set_num_threads(args.threads or DEFAULT_THREADS)
+    print()
+    for ref in results:
+        print(f"speed-up vs reference-style step: {ref['speedup']:.1f}x  (reference-style at "
+              f"{ref['threads']} threads: {ref['seconds_per_step']:.3f} s/step; ours at "
+              f"{args.threads or DEFAULT_THREADS}: {ours['seconds_per_step']:.3f} s/step)")
+    return results
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads or DEFAULT_THREADS)
     model_dir = build_model(args)
     images = tiny.make_synthetic_images(os.path.join(args.runs, "bench-images"), n=12)
     cfg = make_config(args, model_dir, images)
@@ -310,20 +364,18 @@ def main(argv=None) -> dict:
     print(f"bench: {model_dir} on {args.device}/{args.dtype}, {torch.get_num_threads()} threads, "
           f"N={cfg.num_solver_samples}, {cfg.max_new_tokens_proposer}+{cfg.num_solver_samples}x"
           f"{cfg.max_new_tokens_solver} new tokens, LoRA r{cfg.lora_r}, exact KL", flush=True)
-    ours = summarize(run_ours(cfg, args, policies, optimizers, pool, st, dist, stop))
-    ours["peak_memory_mib"] = peak_memory_mib(args.device)
+    load = [os.getloadavg()[0]]
+    records = run_ours(cfg, args, policies, optimizers, pool, st, dist, stop)
+    ours = summarize(records)
+    ours.update(threads=torch.get_num_threads(), peak_memory_mib=peak_memory_mib(args.device))
     memory = "peak " + ("CUDA allocated" if args.device == "cuda" else "RSS")
     print_summary("ours", ours, f"{memory} {ours['peak_memory_mib']:.0f} MiB")
-    result = {"args": vars(args), "threads": torch.get_num_threads(), "ours": ours}
+    result = {"args": vars(args), "ours": ours, "ours_steps": records}
     if args.baseline_steps:
-        if args.device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        ref = summarize(run_reference(cfg, args, policies, optimizers, pool, st))
-        ref["peak_memory_mib"] = peak_memory_mib(args.device)
-        print_summary("reference-style", ref, f"{memory} (whole process) "
-                                              f"{ref['peak_memory_mib']:.0f} MiB")
-        result.update(reference=ref, speedup=ref["seconds_per_step"] / ours["seconds_per_step"])
-        print(f"\nspeed-up vs reference-style step: {result['speedup']:.1f}x")
+        result["reference"] = run_baselines(cfg, args, policies, optimizers, pool, st, ours,
+                                            memory)
+    # Other processes on a shared machine slow every figure: the 1-minute load average says so.
+    result["load_average_1min"] = load + [os.getloadavg()[0]]
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

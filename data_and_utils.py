@@ -261,6 +261,10 @@ def solver_prompt(question: str) -> str:
 
 DEFAULT_QUESTION = "What is the most prominent value shown in the image?"
 
+# A chat/vision control token spelled out in sampled text (<|image_pad|>, <|im_end|>). Put back
+# into a prompt, the tokenizer reads it as the real token: an extra <|image_pad|> makes the
+# processor fail (more image slots than images), an <|im_end|> would close the user turn.
+_CONTROL_TOKEN = re.compile(r"<\|[A-Za-z0-9_]+\|>")
 # A bare tag token such as <think>, </answer>, <br/> -- but not "a < b > c".
 _TAG_TOKEN = re.compile(r"</?[A-Za-z][\w-]*\s*/?>")
 _STEP_MARKER = re.compile(
@@ -283,10 +287,10 @@ def extract_tag(text: str, tag: str) -> str | None:
 
 
 def extract_question(text: str) -> str:
-    question = extract_tag(text, "question")
-    if question:
-        return question
-    return text.strip() or DEFAULT_QUESTION
+    """The <question> content, else the whole text; it goes into the Solver's prompt, so control
+    tokens are removed and it is never empty."""
+    question = extract_tag(text, "question") or text.strip()
+    return _CONTROL_TOKEN.sub("", question).strip() or DEFAULT_QUESTION
 
 
 def extract_answer(text: str) -> str:

@@ -30,7 +30,6 @@ from config import Config
 from data_and_utils import (BadImage, UserError, extract_answer, extract_question, extract_steps,
                             load_image, normalize_answer, proposer_prompt, solver_prompt)
 
-COMMANDS = ("infer", "eval", "export")
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 SHOW_STEPS = 64  # steps printed per answer by `infer` (scoring uses the training limit)
 REWARD_CFG = Config()  # the training defaults: step limit, embedder, group size, decay
@@ -53,12 +52,13 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         p.add_argument("--out", required=True, help="Folder for the merged model (must not exist).")
         return p
     p.add_argument("--attn_implementation", default="sdpa", help="sdpa, eager or flash_attention_2.")
-    p.add_argument("--max_pixels", type=int, default=Config.max_pixels, help="Image pixel cap.")
-    p.add_argument("--samples", type=int, default=5, help="Answers sampled per question (N).")
-    p.add_argument("--max_new_tokens", type=int, default=256, help="Max new tokens per answer.")
-    p.add_argument("--temp", type=float, default=1.0, help="Sampling temperature.")
-    p.add_argument("--top_p", type=float, default=1.0, help="Nucleus sampling top-p.")
-    p.add_argument("--seed", type=int, default=0, help="Sampling seed.")
+    for flag, kind, default, text in (
+            ("max_pixels", int, Config.max_pixels, "Image pixel cap."),
+            ("samples", int, 5, "Answers sampled per question (N)."),
+            ("max_new_tokens", int, 256, "Max new tokens per answer."),
+            ("temp", float, 1.0, "Sampling temperature."), ("top_p", float, 1.0, "Nucleus top-p."),
+            ("seed", int, 0, "Sampling seed.")):
+        p.add_argument(f"--{flag}", type=kind, default=default, help=text)
     if command == "infer":
         p.add_argument("--adapter", default="none", help="Solver folder, or none for the base.")
         p.add_argument("--image", required=True, help="Image file.")
@@ -76,8 +76,8 @@ def build_parser(command: str) -> argparse.ArgumentParser:
 
 
 def _check_sampling(args) -> None:
-    for name in ("samples", "max_new_tokens", "max_pixels"):
-        if getattr(args, name) < 1:
+    for name in ("samples", "max_new_tokens", "max_pixels", "max_new_tokens_proposer"):
+        if getattr(args, name, 1) < 1:  # the proposer's limit exists for `infer` only
             raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.temp <= 0 or not 0 < args.top_p <= 1:
         raise UserError(f"need --temp > 0 and 0 < --top_p <= 1, got {args.temp}, {args.top_p}")
@@ -124,10 +124,11 @@ def load_base(name: str, args, export: bool = False):
 def load_models(args, adapters: dict) -> Loaded:
     """adapters: name -> folder, or None for the base model itself."""
     from peft import PeftModel
+    kinds = {name: adapter_kind(path) for name, path in adapters.items() if path is not None}
     base, processor = load_base(args.model, args)
     root, policies = base, {}
     for name, path in adapters.items():
-        if path is not None and adapter_kind(path) == "full":
+        if kinds.get(name) == "full":
             # Its reference (for step embeddings) is the base, as in full-finetune training.
             policies[name] = vlm.Policy(name, load_base(path, args)[0], processor, ref_model=base)
         elif path is not None:
@@ -242,13 +243,12 @@ def parse_row(text: str, line: int, root: str) -> Row:
     if not isinstance(obj, dict):
         raise ValueError("not a JSON object")
     for key, kinds in (("image", (str,)), ("question", (str,)), ("answer", (str, int, float))):
-        if not isinstance(obj.get(key), kinds) or isinstance(obj.get(key), bool):
+        if not isinstance(obj.get(key), kinds):
             raise ValueError(f"missing or non-text field '{key}'")
     choices = obj.get("choices") or []
-    if not isinstance(choices, list) or not all(isinstance(c, (str, int, float)) for c in choices):
-        raise ValueError("'choices' must be a list of strings")
-    if len(choices) > len(LETTERS):
-        raise ValueError(f"more than {len(LETTERS)} choices")
+    if not isinstance(choices, list) or not 0 <= len(choices) <= len(LETTERS) \
+            or not all(isinstance(c, (str, int, float)) for c in choices):
+        raise ValueError(f"'choices' must be a list of at most {len(LETTERS)} strings")
     image = os.path.join(root, obj["image"])
     if not os.path.isfile(image):
         raise ValueError(f"image not found: {image}")
@@ -313,6 +313,8 @@ def cmd_eval(args) -> int:
     _check_sampling(args)
     specs = args.adapter or ["none"]
     labels = {f"m{i}": ("base" if s.lower() == "none" else s) for i, s in enumerate(specs)}
+    if len(set(labels.values())) < len(labels):
+        raise UserError("the same --adapter is given twice")
     rows, bad = read_rows(args.data, args.limit)
     for message in bad:
         print(f"skipping bad row: {message}", file=sys.stderr)
@@ -320,34 +322,36 @@ def cmd_eval(args) -> int:
         raise UserError(f"no usable rows in {args.data} ({len(bad)} bad)")
     loaded = load_models(args, {m: None if labels[m] == "base" else s
                                 for m, s in zip(labels, specs)})
-    totals = {m: [] for m in labels}
     try:
-        out = open(args.out, "w", encoding="utf-8") if args.out else None
+        out = open(args.out, "w", encoding="utf-8") if args.out else nullcontext()
     except OSError as e:
         raise UserError(f"cannot write --out {args.out}: {e.strerror or e}") from e
-    try:
-        for i, row in enumerate(tqdm(rows, desc="eval", file=sys.stderr)):
-            try:
-                image = read_image(row.image, loaded.processor, args.max_pixels)
-            except BadImage as e:
-                bad.append(f"{args.data}:{row.line}: unreadable image {row.image}: {e}")
-                print(f"skipping bad row: {bad[-1]}", file=sys.stderr)
-                continue
-            results = eval_row(loaded, list(labels), row, image, args, args.seed + i)
-            for m, r in results.items():
-                totals[m].append(r)
-            if out:
-                out.write(json.dumps({"line": row.line, "image": row.image, "question": row.question,
-                                      "answer": row.answer, "results": {labels[m]: r for m, r
-                                                                        in results.items()}},
-                                     ensure_ascii=False) + "\n")
-    finally:
-        if out:
-            out.close()
+    with out as f:
+        totals = eval_rows(loaded, labels, rows, bad, args, f)
     print(format_table(labels, totals, args.samples))
     if bad:
         print(f"skipped {len(bad)} bad row(s)")
     return 0
+
+
+def eval_rows(loaded: Loaded, labels: dict, rows: list, bad: list, args, out) -> dict:
+    """Per-model result lists; rows whose image fails to decode are added to `bad`."""
+    totals = {m: [] for m in labels}
+    for i, row in enumerate(tqdm(rows, desc="eval", file=sys.stderr)):
+        try:
+            image = read_image(row.image, loaded.processor, args.max_pixels)
+        except BadImage as e:
+            bad.append(f"{args.data}:{row.line}: unreadable image {row.image}: {e}")
+            print(f"skipping bad row: {bad[-1]}", file=sys.stderr)
+            continue
+        results = eval_row(loaded, list(labels), row, image, args, args.seed + i)
+        for m, r in results.items():
+            totals[m].append(r)
+        if out is not None:
+            record = {"line": row.line, "image": row.image, "question": row.question,
+                      "answer": row.answer, "results": {labels[m]: r for m, r in results.items()}}
+            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+    return totals
 
 
 def format_table(labels: dict, totals: dict, n: int) -> str:
@@ -381,12 +385,16 @@ def cmd_export(args) -> int:
                         f"{_first_line(e)}") from e
     # Written next to the target and renamed, so --out is either complete or absent.
     tmp = args.out.rstrip("/") + ".tmp-export"
-    shutil.rmtree(tmp, ignore_errors=True)
-    merged.save_pretrained(tmp)
-    processor.save_pretrained(tmp)
-    if os.path.isdir(args.out):
-        os.rmdir(args.out)  # empty, checked above
-    os.replace(tmp, args.out)
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        merged.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        if os.path.isdir(args.out):
+            os.rmdir(args.out)  # empty, checked above
+        os.replace(tmp, args.out)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"writing {args.out} failed: {e.strerror or e}") from e
     print(f"merged model written to {args.out}")
     return 0
 
@@ -402,12 +410,12 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # the "Loading weights" bars drown the answers
-    if not argv or argv[0] not in COMMANDS:
-        print(f"error: the first argument must be one of {', '.join(COMMANDS)}", file=sys.stderr)
+    commands = {"infer": cmd_infer, "eval": cmd_eval, "export": cmd_export}
+    if not argv or argv[0] not in commands:
+        print(f"error: the first argument must be one of {', '.join(commands)}", file=sys.stderr)
         return 2
-    run = {"infer": cmd_infer, "eval": cmd_eval, "export": cmd_export}[argv[0]]
     try:
-        return run(build_parser(argv[0]).parse_args(argv[1:]))
+        return commands[argv[0]](build_parser(argv[0]).parse_args(argv[1:]))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

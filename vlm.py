@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from transformers import AutoModelForImageTextToText, AutoProcessor
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from sampling import decode
+
 log = logging.getLogger("ireasoner")
 ROLES = ("solver", "proposer")
 VISION_TOKENS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
@@ -201,20 +203,17 @@ class Rollout:
 @torch.no_grad()
 def generate(policy: Policy, prompt: Prompt, n: int, max_new_tokens: int, temperature: float,
              top_p: float, stop=None) -> Rollout:
-    """Sample n completions in one `generate` call; return text and the sampled ids.
-    `stop` is an optional StoppingCriteria (the trainer's signal flag)."""
+    """Sample n completions of one prompt, batched; return text and the sampled ids.
+    `stop` is an optional StoppingCriteria (the trainer's signal flag), polled every token."""
     with acting(policy) as model:
         model.eval()
-        kwargs = {"input_ids": prompt.inputs["input_ids"],
-                  "attention_mask": prompt.inputs["attention_mask"],
-                  "mm_token_type_ids": prompt.inputs["mm_token_type_ids"],
-                  **_mm_kwargs(prompt, 1)}
-        out = model.generate(**kwargs, do_sample=True, temperature=temperature, top_p=top_p,
-                             top_k=0, max_new_tokens=max_new_tokens, num_return_sequences=n,
-                             suppress_tokens=suppressed_ids(policy.processor),
-                             stopping_criteria=[stop] if stop is not None else None)
-    ids = out[:, prompt.length:]
-    mask = completion_mask(ids, model.generation_config.eos_token_id)
+        eos = model.generation_config.eos_token_id
+        # Our own loop (sampling.py): the prompt runs once, not n times, and the per-token
+        # overhead is a fraction of HF generate's. Plain softmax(logits / T) within top-p.
+        ids = decode(_core(model), model.get_output_embeddings(), prompt.inputs,
+                     _mm_kwargs(prompt, 1), n, max_new_tokens, temperature, top_p,
+                     suppressed_ids(policy.processor), eos, _pad_id(policy), stop)
+    mask = completion_mask(ids, eos)
     texts = policy.processor.tokenizer.batch_decode(ids * mask + _pad_id(policy) * (1 - mask),
                                                    skip_special_tokens=True)
     return Rollout(texts, ids, mask)
@@ -235,16 +234,41 @@ def completion_mask(ids: torch.Tensor, eos) -> torch.Tensor:
 # ---------------------------------------------------------------- log-probs and KL
 def completion_logits(model, prompt: Prompt, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Logits [n, L, V] that predict each completion token, computed at completion positions only:
-    the lm_head (and so the vocabulary-sized tensor) never sees the prompt or the image tokens."""
+    the lm_head (and so the vocabulary-sized tensor) never sees the prompt or the image tokens.
+    The n rows share one prompt, so it runs once and the completions attend to its key/value
+    cache: the same function (gradients flow back through the shared cache) at P + n*L instead
+    of n*(P + L) token positions."""
     n, length = ids.shape
     p = prompt.inputs
-    out = model(input_ids=torch.cat([p["input_ids"].expand(n, -1), ids], 1),
-                attention_mask=torch.cat([p["attention_mask"].expand(n, -1), mask], 1),
-                mm_token_type_ids=torch.cat([p["mm_token_type_ids"].expand(n, -1),
-                                             torch.zeros_like(ids)], 1),
-                **_mm_kwargs(prompt, n), logits_to_keep=length + 1, use_cache=False)
-    # The last kept position predicts the token after the completion: drop it.
-    return out.logits[:, :-1]
+    full = {"input_ids": torch.cat([p["input_ids"].expand(n, -1), ids], 1),
+            "attention_mask": torch.cat([p["attention_mask"].expand(n, -1), mask], 1),
+            "mm_token_type_ids": torch.cat([p["mm_token_type_ids"].expand(n, -1),
+                                            torch.zeros_like(ids)], 1)}
+    if _drops_cache(model):
+        out = model(**full, **_mm_kwargs(prompt, n), logits_to_keep=length + 1, use_cache=False)
+        return out.logits[:, :-1]  # the last kept position predicts the token after the completion
+    core = _core(model)
+    # The (3-D, image-aware) positions one joint forward would use, sliced for the two parts.
+    pos, _ = core.get_rope_index(full["input_ids"], full["mm_token_type_ids"],
+                                 image_grid_thw=p["image_grid_thw"].repeat(n, 1),
+                                 attention_mask=full["attention_mask"])
+    P = prompt.length
+    pre = core(input_ids=p["input_ids"], attention_mask=p["attention_mask"],
+               mm_token_type_ids=p["mm_token_type_ids"], position_ids=pos[:, :1, :P],
+               **_mm_kwargs(prompt, 1), use_cache=True)
+    pre.cache.batch_repeat_interleave(n)
+    out = core(input_ids=ids, attention_mask=full["attention_mask"], position_ids=pos[:, :, P:],
+               cache=pre.cache, use_cache=True)
+    hidden = torch.cat([pre.last_hidden_state[:, -1:].expand(n, -1, -1), out.last_hidden_state], 1)
+    return model.get_output_embeddings()(hidden)[:, :-1]  # same L + 1 positions as above
+
+
+def _drops_cache(model) -> bool:
+    """HF gradient checkpointing discards the cache in a training forward with gradients, so the
+    shared-prompt path cannot be used there: fall back to one joint forward."""
+    layers = _core(model).language_model.layers
+    return (model.training and torch.is_grad_enabled()
+            and any(getattr(layer, "gradient_checkpointing", False) for layer in layers))
 
 
 def token_logprobs(logits: torch.Tensor, ids: torch.Tensor):

@@ -77,3 +77,9 @@ def test_precomputed_features_match_plain_forward(family_model):
     plain = full[:, prompt.length - 1:-1]
     assert fast.shape == plain.shape
     assert (fast - plain).abs().max().item() < 1e-5
+    if family == "qwen3_vl":  # and they matter: without them the logits would be wrong
+        feats = prompt.image_features
+        feats.deepstack_features = [tuple(torch.zeros_like(t) for t in layer)
+                                    for layer in feats.deepstack_features]
+        blind = vlm.completion_logits(model, prompt, ids["input_ids"], mask)
+        assert (blind - plain).abs().max().item() > 1e-3

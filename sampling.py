@@ -1,0 +1,195 @@
+"""The batched sampling loop behind vlm.generate: n completions of one prompt, token by token.
+
+HF `generate` spends more per token on bookkeeping than a small model spends on its forward, and
+it runs the prompt n times. Here the prompt (image included) runs once at batch 1 through the HF
+model, its key/value cache is repeated to n rows, and each step feeds one token per row. For the
+Qwen2-VL / Qwen2.5-VL text stack a decode step runs as plain tensor code (LeanDecoder) that does
+exactly the ops of the HF layers, in the same order (bit-identical logits, see
+tests/test_sampling.py), without their per-module Python; other models take the HF path.
+Timings: bench.py.
+
+    python -m pytest tests/test_sampling.py -q
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+LEAN_TEXT_MODELS = ("qwen2_vl_text", "qwen2_5_vl_text")
+
+
+@torch.no_grad()
+def decode(core, head, inputs: dict, mm_kwargs: dict, n: int, max_new_tokens: int,
+           temperature: float, top_p: float, suppress: list[int], eos, pad: int,
+           stop=None) -> torch.Tensor:
+    """Sampled ids [n, <= max_new_tokens]. `core` is the inner Qwen-VL model (vision + language),
+    `head` the lm_head, `inputs` one processed prompt (no padding), `mm_kwargs` its vision inputs.
+    Rows that ended keep emitting `pad`, as in HF; `stop` (a StoppingCriteria) is polled every
+    token and ends the loop early when it fires."""
+    pos, _ = core.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"],
+                                 image_grid_thw=inputs["image_grid_thw"],
+                                 attention_mask=inputs["attention_mask"])
+    out = core(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+               mm_token_type_ids=inputs["mm_token_type_ids"], position_ids=pos, **mm_kwargs,
+               use_cache=True)
+    out.cache.batch_repeat_interleave(n)
+    step_logits = _stepper(core.language_model, head, out.cache, max_new_tokens)
+    logits = head(out.last_hidden_state[:, -1]).expand(n, -1)
+    # Generated text continues from the prompt's largest (3-D rope) position, as HF's rope deltas do.
+    start, device = int(pos.max()) + 1, logits.device
+    eos = torch.tensor(eos if isinstance(eos, (list, tuple)) else [eos], device=device)
+    done = torch.zeros(n, dtype=torch.bool, device=device)
+    tokens = []
+    for step in range(max_new_tokens):
+        tok = sample_token(logits, temperature, top_p, suppress).masked_fill(done, pad)
+        tokens.append(tok)
+        done |= torch.isin(tok, eos)
+        if step == max_new_tokens - 1 or bool(done.all()):
+            break
+        if stop is not None and bool(stop(torch.stack(tokens, 1), None).any()):
+            break
+        logits = step_logits(tok, start + step)
+    return torch.stack(tokens, 1)
+
+
+def _stepper(lm, head, cache, max_new_tokens: int):
+    """step(tokens [n], position) -> next logits [n, V], extending `cache` by one position."""
+    lean = LeanDecoder.build(lm, head)
+    if lean is not None:
+        kv = [KVBuffer(layer.keys, layer.values, max_new_tokens) for layer in cache.layers]
+        return lambda tok, position: lean.step(tok, position, kv)
+
+    def hf_step(tok, position):
+        # No image in new tokens: the language model alone, without the vision wrapper.
+        ids = torch.full((3, tok.shape[0], 1), position, device=tok.device)
+        h = lm(input_ids=tok[:, None], position_ids=ids, cache=cache, use_cache=True)
+        return head(h.last_hidden_state[:, -1])
+    return hf_step
+
+
+def sample_token(logits: torch.Tensor, temperature: float, top_p: float,
+                 suppress: list[int]) -> torch.Tensor:
+    """One id per row from softmax(logits / T) within the top-p nucleus (HF's rule: keep a token
+    while the mass ranked above it is < top_p), never a suppressed id. This is the distribution
+    the loss scores: no repetition penalty or other hub generation_config extras."""
+    banned = torch.tensor(suppress, dtype=torch.long, device=logits.device)
+    probs = (logits.float() / temperature).index_fill(-1, banned, float("-inf")).softmax(-1)
+    if top_p < 1:
+        ranked, order = probs.sort(-1, descending=True)
+        ranked = ranked.masked_fill(ranked.cumsum(-1) - ranked >= top_p, 0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, ranked)
+    # Inverse-CDF draw: one uniform per row (multinomial draws one per vocabulary entry).
+    cdf = probs.double().cumsum(-1)
+    u = torch.rand(cdf.shape[0], 1, dtype=cdf.dtype, device=cdf.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=cdf.shape[1] - 1)
+
+
+# ---------------------------------------------------------------- the lean decode step
+def _linear(module):
+    """(weight, bias, lora_A, lora_B, scaling) of an nn.Linear or of a peft LoRA Linear with one
+    active plain adapter (lora parts None when there is none); None if it is anything else."""
+    from peft.tuners.lora import LoraLayer
+    if isinstance(module, torch.nn.Linear) and not isinstance(module, LoraLayer):
+        return module.weight, module.bias, None, None, None
+    if not isinstance(module, LoraLayer) or not isinstance(module.base_layer, torch.nn.Linear):
+        return None
+    base, names = module.base_layer, module.active_adapters
+    if module.disable_adapters:
+        return base.weight, base.bias, None, None, None
+    if module.merged or len(names) != 1 or names[0] in module.lora_variant:
+        return None
+    a, b = module.lora_A[names[0]], module.lora_B[names[0]]
+    if a.bias is not None or b.bias is not None or a.weight.dtype != base.weight.dtype:
+        return None
+    return base.weight, base.bias, a.weight, b.weight, module.scaling[names[0]]
+
+
+def _apply(x, parts):
+    weight, bias, lora_a, lora_b, scaling = parts
+    y = F.linear(x, weight, bias)  # peft: base(x) + lora_B(lora_A(x)) * scaling (eval: no dropout)
+    return y if lora_a is None else y + F.linear(F.linear(x, lora_a), lora_b) * scaling
+
+
+def _rms(x, norm):
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+    return norm.weight * h.to(x.dtype)
+
+
+def _rotate_half(x):
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class KVBuffer:
+    """One layer's keys and values in buffers sized for the whole completion: appending writes in
+    place. (HF's cache concatenates, allocating and copying the whole cache every token, which
+    was a third of a CPU decode step.)"""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, extra: int):
+        n, heads, self.length, dim = keys.shape
+        self.keys = keys.new_empty(n, heads, self.length + extra, dim)
+        self.values = values.new_empty(n, heads, self.length + extra, dim)
+        self.keys[:, :, :self.length] = keys
+        self.values[:, :, :self.length] = values
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add one position; return views of everything stored so far."""
+        self.keys[:, :, self.length] = k[:, :, 0]
+        self.values[:, :, self.length] = v[:, :, 0]
+        self.length += 1
+        return self.keys[:, :, :self.length], self.values[:, :, :self.length]
+
+
+class LeanDecoder:
+    """One decode step of a Qwen2(-VL) text stack as plain tensor ops, mirroring the HF layers
+    op for op. New tokens are text, so the three M-RoPE axes share one position and the rotary
+    angles are the 1-D ones. Holds references to the live weights (LoRA parts included)."""
+
+    def __init__(self, lm, head, layers):
+        self.lm, self.head, self.layers = lm, head, layers
+
+    @classmethod
+    def build(cls, lm, head) -> "LeanDecoder | None":
+        cfg = lm.config
+        if (cfg.model_type not in LEAN_TEXT_MODELS or cfg.hidden_act != "silu"
+                or getattr(cfg, "use_sliding_window", False) or lm.training
+                or lm.rotary_emb.rope_type != "default" or not isinstance(head, torch.nn.Linear)):
+            return None
+        layers = []
+        for layer in lm.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            parts = {name: _linear(getattr(attn, name))
+                     for name in ("q_proj", "k_proj", "v_proj", "o_proj")}
+            parts.update({name: _linear(getattr(mlp, name))
+                          for name in ("gate_proj", "up_proj", "down_proj")})
+            if any(p is None for p in parts.values()):
+                return None
+            layers.append((layer, parts))
+        return cls(lm, head, layers)
+
+    def step(self, tok: torch.Tensor, position: int, kv: list) -> torch.Tensor:
+        x = self.lm.embed_tokens(tok[:, None])
+        rotary = self.lm.rotary_emb
+        freqs = float(position) * rotary.inv_freq.to(device=x.device, dtype=torch.float)
+        cos = (torch.cat((freqs.cos(), freqs.cos())) * rotary.attention_scaling).to(x.dtype)
+        sin = (torch.cat((freqs.sin(), freqs.sin())) * rotary.attention_scaling).to(x.dtype)
+        for (layer, parts), cache in zip(self.layers, kv):
+            x = x + self._attention(layer.self_attn, parts, _rms(x, layer.input_layernorm),
+                                    cos, sin, cache)
+            h = _rms(x, layer.post_attention_layernorm)
+            x = x + _apply(F.silu(_apply(h, parts["gate_proj"])) * _apply(h, parts["up_proj"]),
+                           parts["down_proj"])
+        return self.head(_rms(x, self.lm.norm))[:, -1]
+
+    @staticmethod
+    def _attention(attn, parts, h, cos, sin, cache):
+        n, d = h.shape[0], attn.head_dim
+        q, k, v = (_apply(h, parts[name]).view(n, 1, -1, d).transpose(1, 2)
+                   for name in ("q_proj", "k_proj", "v_proj"))
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        keys, values = cache.append(k, v)
+        out = F.scaled_dot_product_attention(q, keys, values, scale=attn.scaling,
+                                             enable_gqa=attn.num_key_value_groups > 1)
+        return _apply(out.transpose(1, 2).reshape(n, 1, -1), parts["o_proj"])

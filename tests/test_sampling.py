@@ -1,0 +1,108 @@
+"""sampling.py: our decode loop against HF's model and HF's sampling rules, on the tiny Qwen2.5-VL.
+
+    python -m pytest tests/test_sampling.py -q
+"""
+import pytest
+import torch
+from PIL import Image
+from transformers.generation.logits_process import TopPLogitsWarper
+
+import sampling
+import vlm
+from config import Config
+from data_and_utils import solver_prompt
+
+
+@pytest.fixture(scope="module")
+def solver(tiny_model):
+    cfg = Config(solver_model=tiny_model, proposer_model=tiny_model, use_lora_solver=True,
+                 use_lora_proposer=True, dtype="float32", device_map="cpu")
+    torch.manual_seed(0)
+    policy = vlm.build_policies(cfg)["solver"]
+    with torch.no_grad():  # a non-zero adapter, so the LoRA terms are exercised
+        for name, p in policy.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    prompt = vlm.make_prompt(policy, Image.new("RGB", (112, 84), (40, 160, 60)),
+                             solver_prompt("How many squares?"))
+    return policy, prompt
+
+
+def test_lean_decode_step_is_bit_identical_to_hf_layers(solver):
+    policy, prompt = solver
+    p, n = prompt.inputs, 3
+    with torch.no_grad(), vlm.acting(policy) as model:
+        model.eval()
+        core, head = vlm._core(model), model.get_output_embeddings()
+        lean = sampling.LeanDecoder.build(core.language_model, head)
+        assert lean is not None
+        pos, _ = core.get_rope_index(p["input_ids"], p["mm_token_type_ids"],
+                                     image_grid_thw=p["image_grid_thw"],
+                                     attention_mask=p["attention_mask"])
+        out = core(**{k: p[k] for k in ("input_ids", "attention_mask", "mm_token_type_ids")},
+                   position_ids=pos, **vlm._mm_kwargs(prompt, 1), use_cache=True)
+        cache = out.cache
+        cache.batch_repeat_interleave(n)
+        kv = [sampling.KVBuffer(layer.keys, layer.values, 8) for layer in cache.layers]
+        start = int(pos.max()) + 1
+        for step in range(8):
+            tok = torch.randint(0, head.out_features, (n,), generator=torch.Generator().manual_seed(step))
+            ours = lean.step(tok, start + step, kv)
+            ids = torch.full((3, n, 1), start + step)
+            hf = core.language_model(input_ids=tok[:, None], position_ids=ids, cache=cache,
+                                     use_cache=True).last_hidden_state
+            assert torch.equal(ours, head(hf)[:, -1]), f"step {step}"
+
+
+def test_greedy_decode_matches_hf_generate(solver):
+    policy, prompt = solver
+    suppress = vlm.suppressed_ids(policy.processor)
+    with torch.no_grad(), vlm.acting(policy) as model:
+        model.eval()
+        eos = model.generation_config.eos_token_id
+        ours = sampling.decode(vlm._core(model), model.get_output_embeddings(), prompt.inputs,
+                               vlm._mm_kwargs(prompt, 1), 2, 24, 1e-6, 1.0, suppress, eos, 0)
+        hf = model.generate(**{k: prompt.inputs[k] for k in ("input_ids", "attention_mask",
+                                                              "mm_token_type_ids")},
+                            **vlm._mm_kwargs(prompt, 1), do_sample=False, max_new_tokens=24,
+                            suppress_tokens=suppress)[:, prompt.length:]
+    length = hf.shape[1]
+    assert ours.shape[1] == length and (ours == hf[0]).all()
+
+
+@pytest.mark.parametrize("top_p,temperature", [(1.0, 1.0), (0.6, 1.0), (0.8, 0.5)])
+def test_sample_token_follows_softmax_within_top_p(top_p, temperature):
+    torch.manual_seed(0)
+    logits = torch.randn(1, 40) * 0.8
+    scores = (logits / temperature).index_fill(-1, torch.tensor([3]), float("-inf"))
+    expected = TopPLogitsWarper(top_p)(None, scores).softmax(-1)[0] if top_p < 1 \
+        else scores.softmax(-1)[0]
+    draws = sampling.sample_token(logits.expand(100_000, -1), temperature, top_p, [3])
+    freq = torch.bincount(draws, minlength=40).double() / draws.numel()
+    assert ((freq > 0) <= (expected > 0)).all()  # never outside the nucleus, never id 3
+    assert (freq - expected).abs().max() < 0.006
+
+
+def test_rows_after_eos_emit_pad_and_stop_ends_early(solver):
+    policy, prompt = solver
+    calls = []
+
+    def stop(ids, scores):
+        calls.append(ids.shape[1])
+        return torch.full((ids.shape[0],), ids.shape[1] >= 5)
+
+    with torch.no_grad(), vlm.acting(policy) as model:
+        model.eval()
+        args = (vlm._core(model), model.get_output_embeddings(), prompt.inputs,
+                vlm._mm_kwargs(prompt, 1))
+        stopped = sampling.decode(*args, 2, 20, 1.0, 1.0, [], [7], 0, stop)
+        torch.manual_seed(3)  # odd ids end a row, so rows end at different steps
+        odd = list(range(1, args[1].out_features, 2))
+        ended = sampling.decode(*args, 6, 40, 1.0, 1.0, [], odd, 2)
+    assert stopped.shape == (2, 5) and calls[-1] == 5
+    is_eos = ended % 2 == 1
+    first = is_eos.float().argmax(1)
+    assert is_eos.any(1).all() and len(set(first.tolist())) > 1
+    assert ended.shape[1] == int(first.max()) + 1  # the loop ends when the last row has
+    for row, end in zip(ended, first):
+        assert (row[end + 1:] == 2).all()
