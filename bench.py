@@ -6,9 +6,12 @@
 
 Our step is train.train_step itself (rollout -> rewards -> updates); the phases are timed by
 wrapping the functions train.py calls. The yardstick re-creates the published reference's step
-in one process: N separate generate calls, text re-tokenized for the loss, full-sequence
+in the same process: N separate generate calls, text re-tokenized for the loss, full-sequence
 full-vocabulary log-softmax, image re-encoded every forward, N backward passes and optimizer steps.
-Random weights rarely emit eos, so every completion runs to max_new_tokens.
+It runs at our thread count and at torch's default (the published reference never set it), and
+the speed-up over each is printed. Random weights rarely emit eos, so every completion runs to
+max_new_tokens. Figures are medians after one warm-up step, with CPU seconds beside wall seconds
+because other processes on a shared machine inflate wall time.
 """
 from __future__ import annotations
 
@@ -32,7 +35,7 @@ from data_and_utils import ImagePool, extract_question, proposer_prompt, solver_
 from distributed import Dist
 from vlm import acting, reference, suppressed_ids
 
-# The seed repository's target list; mm_projector matches no language-model Linear (warned, skipped).
+# The seed repository's target list; mm_projector matches no language-model Linear (a warning).
 SEED_LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,mm_projector"
 MODEL_FLAGS = dict(hidden=256, layers=4, intermediate=512, heads=4, kv_heads=2, vocab=4096,
                    vision_depth=2, vision_hidden=64, vision_heads=2, vision_intermediate=128,
@@ -63,9 +66,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     p.add_argument("--threads", type=int, default=1,
-                   help="torch intra-op threads (0 = torch's default, all cores). 1 is fastest here: "
-                        "the per-token ops are too small to split, and OpenMP's spin-waiting makes a "
-                        "second thread very slow whenever another process wants that core")
+                   help="torch threads for our steps (0 = torch's default, all cores). 1 is robust "
+                        "on a shared 2-core machine: decode ops are too small to split, and OpenMP "
+                        "spin-waiting makes a 2nd thread 10x slower when another process wants it")
     p.add_argument("--update_micro_batch", type=int, default=0)
     p.add_argument("--gradient_checkpointing", action="store_true")
     p.add_argument("--attn_implementation", default="sdpa")
@@ -84,7 +87,7 @@ def build_model(args) -> str:
     """The random checkpoint, cached under runs/ by its shape (built through from_pretrained)."""
     shape = {k: getattr(args, k) for k in MODEL_FLAGS}
     name = f"bench-model-h{args.hidden}-l{args.layers}-v{args.vocab}"
-    if any(shape[k] != MODEL_FLAGS[k] for k in MODEL_FLAGS if k not in ("hidden", "layers", "vocab")):
+    if any(shape[k] != v for k, v in MODEL_FLAGS.items() if k not in ("hidden", "layers", "vocab")):
         name += "-" + hashlib.sha1(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:8]
     fullatt = [int(i) for i in args.fullatt_block_indexes.split(",") if i.strip()] or None
     kw = {k: v for k, v in shape.items() if k != "fullatt_block_indexes"}
@@ -109,7 +112,7 @@ def make_config(args, model_dir: str, images: str) -> Config:
 # ---------------------------------------------------------------- timing
 class Split:
     """Wall and CPU seconds per phase within one step, and the tokens generated. CPU seconds of
-    this process are kept beside wall time: on a shared machine, wall time alone hides contention."""
+    this process are kept beside wall time: on a shared machine, wall time hides contention."""
     def __init__(self, device: str):
         self.cuda = device == "cuda"
         self.reset()
@@ -308,9 +311,8 @@ def print_summary(name: str, s: dict, memory_label: str) -> None:
           f"tokens/step, {memory_label}")
     total = sum(v["wall"] for v in s["phases"].values()) or 1.0
     for phase, v in s["phases"].items():
-        extra = ""
-        if phase == "proposer_update" and v["per_call"] is not None:
-            extra = f"  ({v['per_call']:.3f} s per call, every 5th step)"
+        extra = f"  ({v['per_call']:.3f} s per call, every 5th step)" \
+            if phase == "proposer_update" and v["per_call"] is not None else ""
         print(f"  {phase:<18} {v['wall']:7.3f} s/step (cpu {v['cpu']:6.3f}) "
               f"{100 * v['wall'] / total:5.1f}%{extra}")
 
@@ -337,17 +339,29 @@ def run_baselines(cfg, args, policies, optimizers, pool, st, ours: dict, memory:
         ref.update(threads=threads, peak_memory_mib=peak_memory_mib(args.device),
                    speedup=ref["seconds_per_step"] / ours["seconds_per_step"])
         label = "torch's default, as the published reference ran" if threads == DEFAULT_THREADS \
-            else "ours' setting"
-        print_summary(f"reference-style ({threads} threads, {label})", ref,
+            else "our setting"
+        print_summary(f"reference-style ({_threads(threads)}, {label})", ref,
                       f"{memory} (whole process) {ref['peak_memory_mib']:.0f} MiB")
         results.append(ref)
     torch.set_num_threads(args.threads or DEFAULT_THREADS)
     print()
     for ref in results:
         print(f"speed-up vs reference-style step: {ref['speedup']:.1f}x  (reference-style at "
-              f"{ref['threads']} threads: {ref['seconds_per_step']:.3f} s/step; ours at "
-              f"{args.threads or DEFAULT_THREADS}: {ours['seconds_per_step']:.3f} s/step)")
+              f"{_threads(ref['threads'])}: {ref['seconds_per_step']:.3f} s/step; ours at "
+              f"{_threads(ours['threads'])}: {ours['seconds_per_step']:.3f} s/step)")
     return results
+
+
+def busy(device: str, *runs: dict) -> bool:
+    """True when a measured CPU step's wall time exceeds its CPU time per thread by 15%: this
+    process was waiting for a core, not computing. (On a GPU the CPU waits for the device.)"""
+    return device == "cpu" and any(
+        wall * run["threads"] > 1.15 * cpu for run in runs
+        for wall, cpu in zip(run["step_seconds"][1:], run["step_cpu_seconds"][1:]))
+
+
+def _threads(n: int) -> str:
+    return f"{n} thread" + ("s" if n != 1 else "")
 
 
 def main(argv=None) -> dict:
@@ -361,7 +375,7 @@ def main(argv=None) -> dict:
     train.seed_all(cfg.seed)
     policies, optimizers = train.build_models(cfg, pool)
     st = train.TrainState(kl_coef={r: cfg.kl_coef for r in train.ROLES})
-    print(f"bench: {model_dir} on {args.device}/{args.dtype}, {torch.get_num_threads()} threads, "
+    print(f"bench: {model_dir} on {args.device}/{args.dtype}, {_threads(torch.get_num_threads())}, "
           f"N={cfg.num_solver_samples}, {cfg.max_new_tokens_proposer}+{cfg.num_solver_samples}x"
           f"{cfg.max_new_tokens_solver} new tokens, LoRA r{cfg.lora_r}, exact KL", flush=True)
     load = [os.getloadavg()[0]]
@@ -374,8 +388,13 @@ def main(argv=None) -> dict:
     if args.baseline_steps:
         result["reference"] = run_baselines(cfg, args, policies, optimizers, pool, st, ours,
                                             memory)
-    # Other processes on a shared machine slow every figure: the 1-minute load average says so.
+    # Other processes on a shared machine slow every figure: say so rather than print bad numbers.
     result["load_average_1min"] = load + [os.getloadavg()[0]]
+    result["machine_busy"] = busy(args.device, ours, *result.get("reference", []))
+    if result["machine_busy"]:
+        print("note: other processes took CPU time during this run (wall > CPU seconds per thread);"
+              " wall-clock figures are inflated, a second thread most of all: compare the CPU "
+              "seconds or rerun on a quiet machine")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

@@ -35,7 +35,7 @@ def decode(core, head, inputs: dict, mm_kwargs: dict, n: int, max_new_tokens: in
     out.cache.batch_repeat_interleave(n)
     step_logits = _stepper(core.language_model, head, out.cache, max_new_tokens)
     logits = head(out.last_hidden_state[:, -1]).expand(n, -1)
-    # Generated text continues from the prompt's largest (3-D rope) position, as HF's rope deltas do.
+    # Generated text continues from the prompt's largest (3-D rope) position, like HF's deltas.
     start, device = int(pos.max()) + 1, logits.device
     eos = torch.tensor(eos if isinstance(eos, (list, tuple)) else [eos], device=device)
     done = torch.zeros(n, dtype=torch.bool, device=device)
@@ -101,7 +101,11 @@ def _linear(module):
     a, b = module.lora_A[names[0]], module.lora_B[names[0]]
     if a.bias is not None or b.bias is not None or a.weight.dtype != base.weight.dtype:
         return None
-    return base.weight, base.bias, a.weight, b.weight, module.scaling[names[0]]
+    scaling = module.scaling[names[0]]
+    if base.weight.dtype == torch.float32:
+        merged = torch.addmm(base.weight, b.weight, a.weight, alpha=scaling)
+        return merged, base.bias, None, None, None
+    return base.weight, base.bias, a.weight, b.weight, scaling
 
 
 def _apply(x, parts):
@@ -123,8 +127,7 @@ def _rotate_half(x):
 
 class KVBuffer:
     """One layer's keys and values in buffers sized for the whole completion: appending writes in
-    place. (HF's cache concatenates, allocating and copying the whole cache every token, which
-    was a third of a CPU decode step.)"""
+    place, where HF's cache concatenates (a new allocation and a full copy every token)."""
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, extra: int):
         n, heads, self.length, dim = keys.shape
@@ -153,6 +156,7 @@ class LeanDecoder:
     def build(cls, lm, head) -> "LeanDecoder | None":
         cfg = lm.config
         if (cfg.model_type not in LEAN_TEXT_MODELS or cfg.hidden_act != "silu"
+                or cfg._attn_implementation != "sdpa"  # the kernel whose result we reproduce
                 or getattr(cfg, "use_sliding_window", False) or lm.training
                 or lm.rotary_emb.rope_type != "default" or not isinstance(head, torch.nn.Linear)):
             return None

@@ -6,11 +6,25 @@ import os
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from tiny import build_tiny_model, make_synthetic_images  # noqa: E402
+
+# Trainer subprocesses run on one thread too (see one_torch_thread).
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """Tiny matmuls gain nothing from a second thread, and on a busy 2-core machine spinning
+    OpenMP threads make each step 20-60x slower; the numbers are the same with one thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")
@@ -30,12 +44,17 @@ def image_dir(tmp_path_factory) -> str:
 
 
 def train_args(model: str, data: str, out: str, name: str, steps: int = 3, **extra) -> list[str]:
-    """A fast command line for the tiny model; extra flags as name=value ('' for a bare flag)."""
+    """A fast command line for the tiny model; extra flags as name=value ('' for a bare flag),
+    replacing the value of a flag already in the list."""
     args = ["--data_dir", data, "--solver_model", model, "--proposer_model", model,
             "--use_lora_solver", "--use_lora_proposer", "--dtype", "float32",
             "--device_map", "cpu", "--total_steps", str(steps), "--save_every", "2",
             "--output_dir", out, "--wandb_run_name", name, "--max_new_tokens_solver", "16",
             "--max_new_tokens_proposer", "12", "--proposer_update_freq", "2"]
     for key, value in extra.items():
-        args += [f"--{key}"] + ([str(value)] if value != "" else [])
+        flag = f"--{key}"
+        if flag in args:  # override a default above
+            args[args.index(flag) + 1] = str(value)
+        else:
+            args += [flag] + ([str(value)] if value != "" else [])
     return args

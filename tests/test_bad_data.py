@@ -29,23 +29,12 @@ import train  # noqa: E402
 from config import STEP_EMBEDDERS, parse_config  # noqa: E402
 from data_and_utils import (DEFAULT_QUESTION, ImagePool, extract_answer,  # noqa: E402
                             extract_question, extract_steps)
+from conftest import ENV  # noqa: E402
 from vlm import build_policies  # noqa: E402
 
 MAX_PIXELS = 1024 * 28 * 28
 NON_UTF8_NAME = b"caf\xe9.png"  # a Latin-1 file name: Python sees it with a lone surrogate
 
-# The trainer subprocesses run on one thread too (see one_torch_thread).
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny matmuls gain nothing from a second thread, and on a busy 2-core machine spinning
-    OpenMP threads make each step 20-60x slower; the numbers are the same with one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def cli_args(model: str, data: str, out: str, name: str, steps: int, seed: int) -> list:

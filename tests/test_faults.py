@@ -27,40 +27,13 @@ sys.path.insert(0, ROOT)
 import checkpoint as ckpt  # noqa: E402
 import train  # noqa: E402
 from config import parse_config  # noqa: E402
+from conftest import ENV, train_args  # noqa: E402
 from distributed import Dist  # noqa: E402
 
 # Long Solver answers make step 3's rollout long enough to be hit by a signal reliably.
 LONG = {"max_new_tokens_solver": 128}
 STEPS = 4
 
-# The trainer subprocesses run on one thread too (see one_torch_thread).
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny matmuls gain nothing from a second thread, and on a busy 2-core machine spinning
-    OpenMP threads make each step 20-60x slower; the numbers are the same with one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def cli_args(model: str, data: str, out: str, name: str, steps: int = STEPS, **extra) -> list:
-    """The tiny-model command line; extra flags as name=value ('' for a bare flag)."""
-    args = ["--data_dir", data, "--solver_model", model, "--proposer_model", model,
-            "--use_lora_solver", "--use_lora_proposer", "--dtype", "float32",
-            "--device_map", "cpu", "--total_steps", str(steps), "--save_every", "2",
-            "--output_dir", out, "--wandb_run_name", name, "--max_new_tokens_solver", "16",
-            "--max_new_tokens_proposer", "12", "--proposer_update_freq", "2"]
-    for key, value in extra.items():
-        flag = f"--{key}"
-        if flag in args:
-            args[args.index(flag) + 1] = str(value)
-        else:
-            args += [flag] + ([str(value)] if value != "" else [])
-    return args
 
 
 def read_log(run_dir) -> list[dict]:
@@ -166,7 +139,7 @@ def run_inprocess(argv: list) -> int:
 def reference(tiny_model, image_dir, tmp_path_factory):
     """An uninterrupted 4-step run (checkpoints at 2 and 4) that the fault runs must reproduce."""
     out = str(tmp_path_factory.mktemp("reference"))
-    argv = cli_args(tiny_model, image_dir, out, "ref", **LONG)
+    argv = train_args(tiny_model, image_dir, out, "ref", steps=STEPS, **LONG)
     proc = start(argv, out, "ref")
     assert finish(proc, out, "ref") == 0, stderr_of(out, "ref")[-3000:]
     run_dir = os.path.join(out, "ref")
@@ -187,7 +160,7 @@ def test_sigterm_mid_step_saves_last_step_and_resume_matches(tiny_model, image_d
                                                              tmp_path):
     out = str(tmp_path)
     # save_every 100: the only checkpoint can come from the signal path.
-    argv = cli_args(tiny_model, image_dir, out, "ref", save_every=100, **LONG)
+    argv = train_args(tiny_model, image_dir, out, "ref", steps=STEPS, save_every=100, **LONG)
     run_dir = os.path.join(out, "ref")
     proc = start(argv, out, "term")
     wait_until(lambda: 2 in steps_of(run_dir), proc, out, "term")
@@ -208,7 +181,7 @@ def test_sigterm_mid_step_saves_last_step_and_resume_matches(tiny_model, image_d
 @pytest.mark.slow
 def test_sigint_exits_130_after_a_clean_checkpoint(tiny_model, image_dir, tmp_path):
     out = str(tmp_path)
-    argv = cli_args(tiny_model, image_dir, out, "int", save_every=100, **LONG)
+    argv = train_args(tiny_model, image_dir, out, "int", steps=STEPS, save_every=100, **LONG)
     run_dir = os.path.join(out, "int")
     proc = start(argv, out, "int")
     wait_until(lambda: 1 in steps_of(run_dir), proc, out, "int")
@@ -222,7 +195,7 @@ def test_sigint_exits_130_after_a_clean_checkpoint(tiny_model, image_dir, tmp_pa
 @pytest.mark.slow
 def test_second_signal_exits_at_once_without_corrupting(tiny_model, image_dir, tmp_path):
     out = str(tmp_path)
-    argv = cli_args(tiny_model, image_dir, out, "twice", save_every=100, **LONG)
+    argv = train_args(tiny_model, image_dir, out, "twice", steps=STEPS, save_every=100, **LONG)
     run_dir = os.path.join(out, "twice")
     proc = start(argv, out, "twice")
     wait_until(lambda: 1 in steps_of(run_dir), proc, out, "twice")
@@ -262,7 +235,7 @@ def test_kill_mid_checkpoint_write_resumes_from_newest_complete(tiny_model, imag
         f.write('{"step": 5, "rank": 0, "image_pa')
     assert checkpoint_steps(run_dir) == [2]
 
-    argv = cli_args(tiny_model, image_dir, out, "ref", **LONG)
+    argv = train_args(tiny_model, image_dir, out, "ref", steps=STEPS, **LONG)
     assert run_inprocess(argv) == 0
     assert leftovers(run_dir) == []
     assert steps_of(run_dir) == [1, 2, 3, 4]  # none twice, none missing
@@ -276,7 +249,7 @@ def test_kill_before_first_checkpoint_empties_the_log(tiny_model, image_dir, tmp
     run_dir = tmp_path / "r"
     (run_dir / "step_00002.tmp-7").mkdir(parents=True)
     (run_dir / "iter_log.jsonl").write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "ra')
-    cfg = parse_config(cli_args(tiny_model, image_dir, str(tmp_path), "r"))
+    cfg = parse_config(train_args(tiny_model, image_dir, str(tmp_path), "r"))
     st = train.TrainState(kl_coef={r: cfg.kl_coef for r in train.ROLES})
     assert train.resume(cfg, str(run_dir), {}, {}, st, Dist()) is None
     assert st.step == 0
@@ -335,7 +308,7 @@ def test_failing_checkpoint_write_stops_cleanly_and_keeps_earlier(tiny_model, im
                                                                   tmp_path, monkeypatch, capsys):
     out = str(tmp_path)
     run_dir = os.path.join(out, "full")
-    argv = cli_args(tiny_model, image_dir, out, "full", steps=3, save_every=1, max_checkpoints=5)
+    argv = train_args(tiny_model, image_dir, out, "full", steps=3, save_every=1, max_checkpoints=5)
     # 1) save_policy runs twice per save (solver, proposer): call 3 is the second save.
     monkeypatch.setattr(ckpt, "save_policy", FailingCall(ckpt.save_policy, {3}, raise_enospc))
     check_failed_save(run_inprocess(argv), capsys.readouterr().err, run_dir, 2, [1],
@@ -384,7 +357,7 @@ def test_corrupted_newest_checkpoint_is_named(kind, tiny_model, image_dir, refer
                                               capsys):
     out, run_dir = copy_run(reference, tmp_path)
     corrupt(run_dir, kind)
-    argv = cli_args(tiny_model, image_dir, out, "ref", **LONG)
+    argv = train_args(tiny_model, image_dir, out, "ref", steps=STEPS, **LONG)
     assert run_inprocess(argv) == 2
     lines = error_lines(capsys.readouterr().err)
     assert len(lines) == 1 and os.path.join(run_dir, "step_00004") in lines[0]
@@ -399,7 +372,7 @@ def test_resume_from_older_checkpoint_after_corruption(tiny_model, image_dir, re
     out, run_dir = copy_run(reference, tmp_path)
     corrupt(run_dir, "truncated_state")
     older = os.path.join(run_dir, "step_00002")
-    argv = cli_args(tiny_model, image_dir, out, "ref", resume_from=older, **LONG)
+    argv = train_args(tiny_model, image_dir, out, "ref", steps=STEPS, resume_from=older, **LONG)
     assert run_inprocess(argv) == 0, capsys.readouterr().err[-3000:]
     assert comparable(read_log(run_dir)) == comparable(reference["log"])
     assert checkpoint_steps(run_dir) == [2, 4]
@@ -423,7 +396,7 @@ def test_one_nonfinite_update_is_skipped_and_counted(tiny_model, image_dir, tmp_
                                                      monkeypatch, caplog):
     out = str(tmp_path)
     run_dir = os.path.join(out, "nan1")
-    argv = cli_args(tiny_model, image_dir, out, "nan1", steps=3, save_every=1, max_checkpoints=3)
+    argv = train_args(tiny_model, image_dir, out, "nan1", steps=3, save_every=1, max_checkpoints=3)
     # Calls: step 1 solver, step 2 solver (NaN) and proposer, step 3 solver.
     monkeypatch.setattr(train, "completion_logits", nan_logits_on({2}))
     assert run_inprocess(argv) == 0
@@ -444,7 +417,7 @@ def test_three_nonfinite_in_a_row_stop_without_saving(tiny_model, image_dir, tmp
                                                       monkeypatch, capsys):
     out = str(tmp_path)
     run_dir = os.path.join(out, "nan3")
-    argv = cli_args(tiny_model, image_dir, out, "nan3", steps=4, save_every=1, max_checkpoints=5)
+    argv = train_args(tiny_model, image_dir, out, "nan3", steps=4, save_every=1, max_checkpoints=5)
     # From call 2 on: step 2 solver, step 2 proposer, step 3 solver -> the third in a row.
     monkeypatch.setattr(train, "completion_logits", nan_logits_on(set(range(2, 100))))
     assert run_inprocess(argv) == 1

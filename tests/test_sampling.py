@@ -46,7 +46,8 @@ def test_lean_decode_step_is_bit_identical_to_hf_layers(solver):
         kv = [sampling.KVBuffer(layer.keys, layer.values, 8) for layer in cache.layers]
         start = int(pos.max()) + 1
         for step in range(8):
-            tok = torch.randint(0, head.out_features, (n,), generator=torch.Generator().manual_seed(step))
+            gen = torch.Generator().manual_seed(step)
+            tok = torch.randint(0, head.out_features, (n,), generator=gen)
             ours = lean.step(tok, start + step, kv)
             ids = torch.full((3, n, 1), start + step)
             hf = core.language_model(input_ids=tok[:, None], position_ids=ids, cache=cache,

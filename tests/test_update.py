@@ -1,4 +1,4 @@
-"""The policy update on the tiny Qwen2.5-VL: chunking, completion-only logits, gradient checkpointing.
+"""The policy update on the tiny Qwen2.5-VL: chunking, completion-only logits, checkpointing.
 
     python -m pytest tests/test_update.py -q
 """
