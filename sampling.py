@@ -5,8 +5,8 @@ it runs the prompt n times. Here the prompt (image included) runs once at batch 
 model, its key/value cache is repeated to n rows, and each step feeds one token per row. For the
 Qwen2-VL / Qwen2.5-VL text stack a decode step runs as plain tensor code (LeanDecoder) that does
 exactly the ops of the HF layers, in the same order (bit-identical logits, see
-tests/test_sampling.py), without their per-module Python; other models take the HF path.
-Timings: bench.py.
+tests/test_sampling.py; a float32 CPU adapter is folded into the weights, see _linear), without
+their per-module Python; other models take the HF path. Timings: bench.py.
 
     python -m pytest tests/test_sampling.py -q
 """
@@ -38,10 +38,11 @@ def decode(core, head, inputs: dict, mm_kwargs: dict, n: int, max_new_tokens: in
     # Generated text continues from the prompt's largest (3-D rope) position, like HF's deltas.
     start, device = int(pos.max()) + 1, logits.device
     eos = torch.tensor(eos if isinstance(eos, (list, tuple)) else [eos], device=device)
+    banned = torch.tensor(suppress, dtype=torch.long, device=device)
     done = torch.zeros(n, dtype=torch.bool, device=device)
     tokens = []
     for step in range(max_new_tokens):
-        tok = sample_token(logits, temperature, top_p, suppress).masked_fill(done, pad)
+        tok = sample_token(logits, temperature, top_p, banned).masked_fill(done, pad)
         tokens.append(tok)
         done |= torch.isin(tok, eos)
         if step == max_new_tokens - 1 or bool(done.all()):
@@ -68,11 +69,11 @@ def _stepper(lm, head, cache, max_new_tokens: int):
 
 
 def sample_token(logits: torch.Tensor, temperature: float, top_p: float,
-                 suppress: list[int]) -> torch.Tensor:
+                 suppress) -> torch.Tensor:
     """One id per row from softmax(logits / T) within the top-p nucleus (HF's rule: keep a token
     while the mass ranked above it is < top_p), never a suppressed id. This is the distribution
     the loss scores: no repetition penalty or other hub generation_config extras."""
-    banned = torch.tensor(suppress, dtype=torch.long, device=logits.device)
+    banned = torch.as_tensor(suppress, dtype=torch.long, device=logits.device)  # ids or a tensor
     probs = (logits.float() / temperature).index_fill(-1, banned, float("-inf")).softmax(-1)
     if top_p < 1:
         ranked, order = probs.sort(-1, descending=True)
@@ -85,9 +86,11 @@ def sample_token(logits: torch.Tensor, temperature: float, top_p: float,
 
 
 # ---------------------------------------------------------------- the lean decode step
-def _linear(module):
+def _linear(module, fold: bool):
     """(weight, bias, lora_A, lora_B, scaling) of an nn.Linear or of a peft LoRA Linear with one
-    active plain adapter (lora parts None when there is none); None if it is anything else."""
+    active plain adapter (lora parts None when there is none); None if it is anything else.
+    With `fold`, a float32 adapter is folded into a transient copy of the weight: one matmul
+    instead of three plus a scale and an add."""
     from peft.tuners.lora import LoraLayer
     if isinstance(module, torch.nn.Linear) and not isinstance(module, LoraLayer):
         return module.weight, module.bias, None, None, None
@@ -102,9 +105,8 @@ def _linear(module):
     if a.bias is not None or b.bias is not None or a.weight.dtype != base.weight.dtype:
         return None
     scaling = module.scaling[names[0]]
-    if base.weight.dtype == torch.float32:
-        merged = torch.addmm(base.weight, b.weight, a.weight, alpha=scaling)
-        return merged, base.bias, None, None, None
+    if fold and base.weight.dtype == torch.float32:
+        return torch.addmm(base.weight, b.weight, a.weight, alpha=scaling), base.bias, *[None] * 3
     return base.weight, base.bias, a.weight, b.weight, scaling
 
 
@@ -147,25 +149,30 @@ class KVBuffer:
 class LeanDecoder:
     """One decode step of a Qwen2(-VL) text stack as plain tensor ops, mirroring the HF layers
     op for op. New tokens are text, so the three M-RoPE axes share one position and the rotary
-    angles are the 1-D ones. Holds references to the live weights (LoRA parts included)."""
+    angles are the 1-D ones. Built per generate call: it holds the live weights (LoRA included)."""
 
     def __init__(self, lm, head, layers):
         self.lm, self.head, self.layers = lm, head, layers
 
     @classmethod
-    def build(cls, lm, head) -> "LeanDecoder | None":
+    def build(cls, lm, head, fold: bool | None = None) -> "LeanDecoder | None":
+        """None when the model is not one this class mirrors. `fold` (default: float32 on the
+        CPU) folds adapters into the weights: ~7% of a CPU training step, for float32 rounding
+        in the logits (~1e-6) and a copy of the adapted weights while sampling. Never in 16-bit,
+        where rounding W + s*B@A to 8 mantissa bits would wash a small adapter out."""
         cfg = lm.config
         if (cfg.model_type not in LEAN_TEXT_MODELS or cfg.hidden_act != "silu"
                 or cfg._attn_implementation != "sdpa"  # the kernel whose result we reproduce
                 or getattr(cfg, "use_sliding_window", False) or lm.training
                 or lm.rotary_emb.rope_type != "default" or not isinstance(head, torch.nn.Linear)):
             return None
+        fold = head.weight.device.type == "cpu" if fold is None else fold
         layers = []
         for layer in lm.layers:
             attn, mlp = layer.self_attn, layer.mlp
-            parts = {name: _linear(getattr(attn, name))
+            parts = {name: _linear(getattr(attn, name), fold)
                      for name in ("q_proj", "k_proj", "v_proj", "o_proj")}
-            parts.update({name: _linear(getattr(mlp, name))
+            parts.update({name: _linear(getattr(mlp, name), fold)
                           for name in ("gate_proj", "up_proj", "down_proj")})
             if any(p is None for p in parts.values()):
                 return None
