@@ -367,6 +367,7 @@ def _threads(n: int) -> str:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads or DEFAULT_THREADS)
+    train.keep_freed_memory()  # as train.train() does
     model_dir = build_model(args)
     images = tiny.make_synthetic_images(os.path.join(args.runs, "bench-images"), n=12)
     cfg = make_config(args, model_dir, images)
