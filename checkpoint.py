@@ -12,10 +12,12 @@ import json
 import logging
 import os
 import pickle
+import random
 import re
 import shutil
 import time
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 
@@ -147,3 +149,25 @@ def truncate_log(log_path: str, step: int) -> None:
     with open(tmp, "w", encoding="utf-8") as f:
         f.writelines(kept)
     os.replace(tmp, log_path)
+
+
+# ---------------------------------------------------------------- RNG state (saved per rank)
+def rng_state() -> dict:
+    """Every generator a step draws from: saved so a resumed run samples what an unbroken one would."""
+    return {"python": random.getstate(), "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(s: dict) -> None:
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)

@@ -11,7 +11,6 @@ in-process, a Qwen-style chat template and the real processor. It loads back thr
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import sys

@@ -9,15 +9,12 @@ Reads top to bottom: one step is rollout() -> compute_rewards() -> update_policy
 from __future__ import annotations
 
 import ctypes
-import json
 import logging
 import math
 import os
-import random
 import signal
 import sys
 import time
-import uuid
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,6 +23,8 @@ from tqdm import tqdm
 from transformers import StoppingCriteria
 
 import checkpoint as ckpt
+from checkpoint import rng_state, seed_all, set_rng_state
+from logs import append_log, log_wandb, start_wandb
 import rewards as R
 from config import Config, parse_config
 from data_and_utils import (ImagePool, UserError, extract_question, extract_steps, proposer_prompt,
@@ -248,26 +247,6 @@ def advantages_for(rewards: list[float], baseline: float | None) -> torch.Tensor
 
 
 # ---------------------------------------------------------------- setup, resume, loop
-def rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(),
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def set_rng_state(s: dict) -> None:
-    random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
-    torch.set_rng_state(s["torch"])
-    if s["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
-
-
-def seed_all(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 def keep_freed_memory() -> None:
     """Every step allocates and frees the same large CPU tensors. glibc returns blocks over
     128 KiB to the kernel on free, so the next step page-faults them back in: ~40k faults and
@@ -345,38 +324,6 @@ def save(cfg: Config, run_dir: str, policies: dict, optimizers: dict, st: TrainS
     return path
 
 
-def start_wandb(cfg: Config, run_name: str, run_dir: str, st: TrainState):
-    if cfg.wandb_mode == "disabled":
-        return None
-    import wandb
-    st.wandb_id = st.wandb_id or uuid.uuid4().hex[:12]  # stored in checkpoints: resumes the run
-    return wandb.init(project=cfg.wandb_project, name=run_name, id=st.wandb_id, resume="allow",
-                      mode=cfg.wandb_mode, dir=run_dir, config=cfg.to_dict())
-
-
-def log_wandb(run, records: list[dict]) -> None:
-    if run is None:
-        return
-    import wandb
-    r = records[0]
-    mean = lambda key: float(np.mean([x for rec in records for x in rec[key]]))
-    data = {"train/reward_final": mean("reward_final"), "train/reward_outcome": mean("reward_outcome"),
-            "train/answer_entropy": float(np.mean([x["answer_entropy"] for x in records])),
-            "train/step_reward_weight": r["step_reward_weight"], "train/seconds": r["seconds"],
-            "train/skipped_images": r["skipped_images"],
-            "solver/kl": r["solver_kl"], "solver/kl_coef": r["kl_coef_solver_after"],
-            "solver/loss": r["solver_loss"], "solver/baseline": r["solver_baseline_before"],
-            "proposer/reward": float(np.mean([x["proposer_reward"] for x in records])),
-            **{f"reasoning_step_agreement/{k}": v for k, v in r["step_info"].items()}}
-    if r["proposer_updated"]:
-        data.update({"proposer/kl": r["proposer_kl"], "proposer/kl_coef": r["kl_coef_proposer_after"],
-                     "proposer/loss": r["proposer_loss"]})
-    table = wandb.Table(columns=["question", "answers", "dominant"],
-                        data=[[x["question"], " | ".join(x["answers"]), x["dominant_answer"]]
-                              for x in records])
-    run.log({**data, "samples": table}, step=r["step"])
-
-
 def build_models(cfg: Config, pool: ImagePool) -> tuple[dict, dict]:
     """Both policies and one AdamW per role; sizes the pool's images as the processor expects.
     (bench.py builds its trainer through here too.)"""
@@ -412,18 +359,6 @@ def train(cfg: Config) -> int:
             print(f"run {run_name} is already at step {st.step} of {cfg.total_steps}; nothing to do")
         return 0
     return loop(cfg, run_name, run_dir, policies, optimizers, pool, st, dist)
-
-
-def append_log(log_path: str, records: list[dict]) -> None:
-    """One JSON line per record. A file name that is not UTF-8 reaches us with lone
-    surrogates; backslashreplace writes them as \\u escapes, so the line stays valid JSON."""
-    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-    try:
-        with open(log_path, "a", encoding="utf-8", errors="backslashreplace") as f:
-            f.write(text)
-    except OSError as e:
-        raise UserError(f"writing {log_path} failed ({e.strerror or e}); the last checkpoint is "
-                        f"intact: free space, then rerun the same command to resume") from e
 
 
 def loop(cfg, run_name, run_dir, policies, optimizers, pool, st, dist) -> int:

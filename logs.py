@@ -1,0 +1,57 @@
+"""The per-step log: iter_log.jsonl lines and, when enabled, the same scalars in W&B.
+
+    python -m pytest tests/test_train.py -q
+"""
+from __future__ import annotations
+
+import json
+import uuid
+
+import numpy as np
+
+from data_and_utils import UserError
+
+
+def start_wandb(cfg, run_name: str, run_dir: str, st):
+    """A W&B run (None when disabled); its id lives in the trainer state, so a resume continues it."""
+    if cfg.wandb_mode == "disabled":
+        return None
+    import wandb
+    st.wandb_id = st.wandb_id or uuid.uuid4().hex[:12]  # stored in checkpoints: resumes the run
+    return wandb.init(project=cfg.wandb_project, name=run_name, id=st.wandb_id, resume="allow",
+                      mode=cfg.wandb_mode, dir=run_dir, config=cfg.to_dict())
+
+
+def log_wandb(run, records: list[dict]) -> None:
+    if run is None:
+        return
+    import wandb
+    r = records[0]
+    mean = lambda key: float(np.mean([x for rec in records for x in rec[key]]))
+    data = {"train/reward_final": mean("reward_final"), "train/reward_outcome": mean("reward_outcome"),
+            "train/answer_entropy": float(np.mean([x["answer_entropy"] for x in records])),
+            "train/step_reward_weight": r["step_reward_weight"], "train/seconds": r["seconds"],
+            "train/skipped_images": r["skipped_images"],
+            "solver/kl": r["solver_kl"], "solver/kl_coef": r["kl_coef_solver_after"],
+            "solver/loss": r["solver_loss"], "solver/baseline": r["solver_baseline_before"],
+            "proposer/reward": float(np.mean([x["proposer_reward"] for x in records])),
+            **{f"reasoning_step_agreement/{k}": v for k, v in r["step_info"].items()}}
+    if r["proposer_updated"]:
+        data.update({"proposer/kl": r["proposer_kl"], "proposer/kl_coef": r["kl_coef_proposer_after"],
+                     "proposer/loss": r["proposer_loss"]})
+    table = wandb.Table(columns=["question", "answers", "dominant"],
+                        data=[[x["question"], " | ".join(x["answers"]), x["dominant_answer"]]
+                              for x in records])
+    run.log({**data, "samples": table}, step=r["step"])
+
+
+def append_log(log_path: str, records: list[dict]) -> None:
+    """One JSON line per record. A file name that is not UTF-8 reaches us with lone
+    surrogates; backslashreplace writes them as \\u escapes, so the line stays valid JSON."""
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    try:
+        with open(log_path, "a", encoding="utf-8", errors="backslashreplace") as f:
+            f.write(text)
+    except OSError as e:
+        raise UserError(f"writing {log_path} failed ({e.strerror or e}); the last checkpoint is "
+                        f"intact: free space, then rerun the same command to resume") from e
