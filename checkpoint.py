@@ -79,7 +79,7 @@ def save_checkpoint(run_dir: str, step: int, policies: dict, state: dict, keep: 
         os.rename(tmp, final)
     except WRITE_ERRORS as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(f"writing checkpoint {final} failed ({_reason(e)}); "
+        raise UserError(f"writing checkpoint {final} failed ({one_line_reason(e)}); "
                         f"earlier checkpoints in {run_dir} are intact") from e
     for _, old in complete_checkpoints(run_dir)[:-keep]:
         # Renamed first, so a kill mid-delete leaves a temporary (cleaned on resume), never a
@@ -89,11 +89,11 @@ def save_checkpoint(run_dir: str, step: int, policies: dict, state: dict, keep: 
             os.rename(old, doomed)
             shutil.rmtree(doomed)
         except OSError as e:  # the new checkpoint is safe; an old one left over is only space
-            log.warning("could not remove old checkpoint %s: %s", old, _reason(e))
+            log.warning("could not remove old checkpoint %s: %s", old, one_line_reason(e))
     return final
 
 
-def _reason(e: BaseException) -> str:
+def one_line_reason(e: BaseException) -> str:
     """One line for an error message: strerror for OS errors, else the first line of str(e)."""
     text = getattr(e, "strerror", None) or str(e).strip() or type(e).__name__
     return text.splitlines()[0][:300]
@@ -111,13 +111,13 @@ def load_checkpoint(path: str, policies: dict) -> dict:
         try:
             load_policy(policy, role_dir)
         except READ_ERRORS as e:
-            raise UserError(f"checkpoint {path}: cannot load {role}/ ({_reason(e)}); pick an "
-                            f"older one with --resume_from") from e
+            raise UserError(f"checkpoint {path}: cannot load {role}/ ({one_line_reason(e)}); "
+                            f"pick an older one with --resume_from") from e
     try:
         return torch.load(os.path.join(path, STATE_FILE), weights_only=False, map_location="cpu")
     except READ_ERRORS as e:
-        raise UserError(f"checkpoint {path}: {STATE_FILE} is unreadable ({_reason(e)}); pick an "
-                        f"older one with --resume_from") from e
+        raise UserError(f"checkpoint {path}: {STATE_FILE} is unreadable "
+                        f"({one_line_reason(e)}); pick an older one with --resume_from") from e
 
 
 def set_aside_newer(run_dir: str, step: int) -> None:

@@ -9,6 +9,7 @@ import uuid
 
 import numpy as np
 
+from checkpoint import one_line_reason
 from data_and_utils import UserError
 
 
@@ -53,5 +54,5 @@ def append_log(log_path: str, records: list[dict]) -> None:
         with open(log_path, "a", encoding="utf-8", errors="backslashreplace") as f:
             f.write(text)
     except OSError as e:
-        raise UserError(f"writing {log_path} failed ({e.strerror or e}); the last checkpoint is "
-                        f"intact: free space, then rerun the same command to resume") from e
+        raise UserError(f"writing {log_path} failed ({one_line_reason(e)}); the last checkpoint "
+                        f"is intact: free space, then rerun the same command to resume") from e

@@ -161,8 +161,6 @@ def update_policy(cfg: Config, policy: Policy, optimizer, episode: Episode,
     return {"loss": loss, "kl": kl_sum / tokens, "grad_norm": grad_norm.item(), "finite": finite}
 
 
-
-
 def train_step(cfg: Config, policies: dict, optimizers: dict, pool: ImagePool, st: TrainState,
                step: int, dist: Dist, stop: Stop) -> list[dict] | None:
     """One global step on every rank. Returns the per-rank records (on every rank), or None if
@@ -191,7 +189,9 @@ def train_step(cfg: Config, policies: dict, optimizers: dict, pool: ImagePool, s
                     "kl_coef_proposer_after": None, "proposer_loss": None})
     sync_bad_images(pool, st, dist)
     # Ranks must hold identical adapters; the checksum in every record lets anyone check.
-    checksum = sum(p.detach().double().sum().item() for p in solver.parameters())
+    # float64 accumulation without float64 copies of the weights, and one device sync.
+    checksum = torch.stack([p.detach().sum(dtype=torch.float64)
+                            for p in solver.parameters()]).sum().item()
     rec.update(step_info=rw["step_info"], skipped_images=st.skipped_images,
                solver_param_checksum=checksum,
                nonfinite_skips=st.nonfinite_skips, seconds=round(time.time() - t0, 4))

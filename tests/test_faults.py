@@ -178,13 +178,19 @@ def test_sigterm_mid_step_saves_last_step_and_resume_matches(tiny_model, image_d
     assert checkpoint_steps(run_dir) == [2, 4]
 
 
+def start_past_step_one(model: str, data: str, out: str, name: str):
+    """A long run (no periodic saves) that has logged step 1: (process, run folder)."""
+    argv = train_args(model, data, out, name, steps=STEPS, save_every=100, **LONG)
+    run_dir = os.path.join(out, name)
+    proc = start(argv, out, name)
+    wait_until(lambda: 1 in steps_of(run_dir), proc, out, name)
+    return proc, run_dir
+
+
 @pytest.mark.slow
 def test_sigint_exits_130_after_a_clean_checkpoint(tiny_model, image_dir, tmp_path):
     out = str(tmp_path)
-    argv = train_args(tiny_model, image_dir, out, "int", steps=STEPS, save_every=100, **LONG)
-    run_dir = os.path.join(out, "int")
-    proc = start(argv, out, "int")
-    wait_until(lambda: 1 in steps_of(run_dir), proc, out, "int")
+    proc, run_dir = start_past_step_one(tiny_model, image_dir, out, "int")
     proc.send_signal(signal.SIGINT)
     assert finish(proc, out, "int") == 130, stderr_of(out, "int")[-3000:]
     assert steps_of(run_dir) == [1] and checkpoint_steps(run_dir) == [1]
@@ -195,10 +201,7 @@ def test_sigint_exits_130_after_a_clean_checkpoint(tiny_model, image_dir, tmp_pa
 @pytest.mark.slow
 def test_second_signal_exits_at_once_without_corrupting(tiny_model, image_dir, tmp_path):
     out = str(tmp_path)
-    argv = train_args(tiny_model, image_dir, out, "twice", steps=STEPS, save_every=100, **LONG)
-    run_dir = os.path.join(out, "twice")
-    proc = start(argv, out, "twice")
-    wait_until(lambda: 1 in steps_of(run_dir), proc, out, "twice")
+    proc, run_dir = start_past_step_one(tiny_model, image_dir, out, "twice")
     proc.send_signal(signal.SIGTERM)
     # The second must come after the first was handled (two pending ones would merge into one),
     # and it lands while step 2 is being abandoned or step 1 saved.
