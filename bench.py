@@ -1,11 +1,11 @@
 """Time real iReasoner training steps on a random-weight Qwen2.5-VL, against a reference-style step.
 
-    /work/venv/bin/python bench.py                       # tiny defaults, CPU, float32
-    /work/venv/bin/python bench.py --steps 3 --json /tmp/bench.json
+    python bench.py                                      # tiny defaults, CPU, float32
+    python bench.py --steps 3 --json runs/bench.json
     python bench.py --preset 3b --device cuda --dtype bfloat16   # Qwen2.5-VL-3B shapes, on a GPU
 
-Our step is train.train_step itself (rollout -> rewards -> updates); the phases are timed by
-wrapping the functions train.py calls. The yardstick re-creates the published reference's step
+Our step is train.train_step itself (rollout -> rewards -> updates); its phases are timed by the
+phase timer train_step takes. The yardstick re-creates the published reference's step
 in the same process: N separate generate calls, text re-tokenized for the loss, full-sequence
 full-vocabulary log-softmax, image re-encoded every forward, N backward passes and optimizer steps.
 It runs at our thread count and at torch's default (the published reference never set it), and
@@ -28,12 +28,15 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
+import rewards
 import tiny
 import train
 from config import Config
 from data_and_utils import ImagePool, extract_question, proposer_prompt, solver_prompt
 from distributed import Dist
-from vlm import acting, reference, suppressed_ids
+from runtime import keep_freed_memory, seed_all
+from sampling import eos_tensor
+from vlm import ROLES, acting, chat_text, reference, step_embedder, suppressed_ids
 
 # The seed repository's target list; mm_projector matches no language-model Linear (a warning).
 SEED_LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,mm_projector"
@@ -67,7 +70,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads for our steps (0 = torch's default, all cores). 1 is robust "
-                        "on a shared 2-core machine: decode ops are too small to split, and OpenMP "
+                        "on a shared 2-core CPU: decode ops are too small to split, and OpenMP "
                         "spin-waiting makes a 2nd thread 10x slower when another process wants it")
     p.add_argument("--update_micro_batch", type=int, default=0)
     p.add_argument("--gradient_checkpointing", action="store_true")
@@ -135,40 +138,6 @@ class Split:
         self.cpu[name] += cpu2 - cpu
 
 
-@contextmanager
-def timed_train_functions(split: Split):
-    """Wrap the functions train.train_step reaches through train's module globals."""
-    names = ("make_prompt", "generate", "compute_rewards", "update_policy")
-    originals = {n: getattr(train, n) for n in names}
-
-    def make_prompt(policy, *a, **kw):
-        with split.phase("prompts"):
-            return originals["make_prompt"](policy, *a, **kw)
-
-    def generate(policy, *a, **kw):
-        with split.phase(f"{policy.role}_generate"):
-            out = originals["generate"](policy, *a, **kw)
-        split.tokens += int(out.mask.sum())
-        return out
-
-    def compute_rewards(*a, **kw):
-        with split.phase("rewards"):
-            return originals["compute_rewards"](*a, **kw)
-
-    def update_policy(cfg, policy, *a, **kw):
-        with split.phase(f"{policy.role}_update"):
-            return originals["update_policy"](cfg, policy, *a, **kw)
-
-    wrappers = (make_prompt, generate, compute_rewards, update_policy)
-    for name, fn in zip(names, wrappers):
-        setattr(train, name, fn)
-    try:
-        yield
-    finally:
-        for name, fn in originals.items():
-            setattr(train, name, fn)
-
-
 def timed_steps(label: str, split: Split, steps: int, run_step) -> list[dict]:
     records = []
     for step in range(1, steps + 1):
@@ -186,28 +155,30 @@ def run_ours(cfg, args, policies, optimizers, pool, st, dist, stop) -> list[dict
     split = Split(args.device)
 
     def run_step(step):
-        if train.train_step(cfg, policies, optimizers, pool, st, step, dist, stop) is None:
+        records = train.train_step(cfg, policies, optimizers, pool, st, step, dist, stop,
+                                   timer=split.phase)
+        if records is None:
             raise SystemExit("interrupted by a signal")
+        split.tokens += records[0]["generated_tokens"]
 
-    with timed_train_functions(split):
-        return timed_steps("our", split, args.steps, run_step)
+    return timed_steps("our", split, args.steps, run_step)
 
 
 # ---------------------------------------------------------------- the reference-style yardstick
 def reference_step(cfg, policies, optimizers, image, st, step, split: Split) -> None:
     """One step the way the published reference ran it (same N, tokens, rewards, schedule)."""
     proposer, solver = policies["proposer"], policies["solver"]
-    p_chat = _chat(proposer, proposer_prompt())
+    p_chat = chat_text(proposer.processor, proposer_prompt())
     with split.phase("proposer_generate"):
         p_text = _ref_generate(cfg, proposer, image, p_chat, cfg.max_new_tokens_proposer, split)
-    s_chat = _chat(solver, solver_prompt(extract_question(p_text)))
+    s_chat = chat_text(solver.processor, solver_prompt(extract_question(p_text)))
     with split.phase("solver_generate"):
         texts = [_ref_generate(cfg, solver, image, s_chat, cfg.max_new_tokens_solver, split)
                  for _ in range(cfg.num_solver_samples)]
     with split.phase("rewards"):
-        rw = train.compute_rewards(cfg, solver, texts, step)
+        rw = rewards.compute_rewards(cfg, texts, step, step_embedder(solver, cfg))
     with split.phase("solver_update"):
-        adv = train.advantages_for(rw["reward_final"], st.baseline["solver"])
+        adv = rewards.advantages_for(rw["reward_final"], st.baseline["solver"])
         for text, a in zip(texts, adv.tolist()):
             _ref_update(cfg, solver, optimizers["solver"], image, s_chat, text, a,
                         st.kl_coef["solver"])
@@ -215,12 +186,6 @@ def reference_step(cfg, policies, optimizers, image, st, step, split: Split) -> 
         with split.phase("proposer_update"):
             _ref_update(cfg, proposer, optimizers["proposer"], image, p_chat, p_text,
                         rw["proposer_reward"] - st.baseline["proposer"], st.kl_coef["proposer"])
-
-
-def _chat(policy, text: str) -> str:
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
-    return policy.processor.apply_chat_template(messages, add_generation_prompt=True,
-                                                tokenize=False)
 
 
 @torch.no_grad()
@@ -232,8 +197,7 @@ def _ref_generate(cfg, policy, image, chat: str, max_new_tokens: int, split: Spl
                              top_k=0, max_new_tokens=max_new_tokens,
                              suppress_tokens=suppressed_ids(policy.processor))
     ids = out[0, inputs["input_ids"].shape[1]:]
-    eos = torch.tensor(model.generation_config.eos_token_id, device=ids.device).reshape(-1)
-    hits = torch.isin(ids, eos).nonzero()
+    hits = torch.isin(ids, eos_tensor(model.generation_config.eos_token_id, ids.device)).nonzero()
     split.tokens += int(hits[0, 0]) + 1 if len(hits) else ids.numel()
     return policy.processor.tokenizer.decode(ids, skip_special_tokens=True)
 
@@ -367,15 +331,15 @@ def _threads(n: int) -> str:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads or DEFAULT_THREADS)
-    train.keep_freed_memory()  # as train.train() does
+    keep_freed_memory()  # as train.train() does
     model_dir = build_model(args)
     images = tiny.make_synthetic_images(os.path.join(args.runs, "bench-images"), n=12)
     cfg = make_config(args, model_dir, images)
     dist, stop = Dist(), train.Stop()
     pool = ImagePool(cfg.data_dir, [], cfg.seed, cfg.max_pixels)
-    train.seed_all(cfg.seed)
+    seed_all(cfg.seed)
     policies, optimizers = train.build_models(cfg, pool)
-    st = train.TrainState(kl_coef={r: cfg.kl_coef for r in train.ROLES})
+    st = train.TrainState(kl_coef={r: cfg.kl_coef for r in ROLES})
     print(f"bench: {model_dir} on {args.device}/{args.dtype}, {_threads(torch.get_num_threads())}, "
           f"N={cfg.num_solver_samples}, {cfg.max_new_tokens_proposer}+{cfg.num_solver_samples}x"
           f"{cfg.max_new_tokens_solver} new tokens, LoRA r{cfg.lora_r}, exact KL", flush=True)

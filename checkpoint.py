@@ -12,16 +12,15 @@ import json
 import logging
 import os
 import pickle
-import random
 import re
 import shutil
 import time
 
-import numpy as np
 import torch
 from safetensors import SafetensorError
 
-from data_and_utils import UserError
+from atomic import atomic_dir, write_text
+from errors import UserError, first_line
 from vlm import save_policy, load_policy
 
 log = logging.getLogger("ireasoner")
@@ -32,9 +31,13 @@ DONE_FILE = "SAVE_OK"
 # What the writers raise on a full disk or a denied write: torch.save reports it as a
 # RuntimeError ("unexpected pos"), safetensors as SafetensorError, plain files as OSError.
 WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
-# What a truncated or garbled file raises on load (torch.load: zip, EOF or pickle errors).
-READ_ERRORS = (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError,
-               SafetensorError)
+# What a truncated or garbled file raises on load.
+READ_ERRORS = (OSError, EOFError, pickle.UnpicklingError, SafetensorError)
+# torch.load also reports a damaged zip as RuntimeError/ValueError. For the trainer state that
+# is damage too; for weights the same types mean the tensors do not fit this model (a shape or
+# key mismatch), which an older checkpoint of the same run would not fix.
+STATE_READ_ERRORS = READ_ERRORS + (RuntimeError, ValueError)
+MISMATCH_ERRORS = (RuntimeError, ValueError)
 
 
 def complete_checkpoints(run_dir: str) -> list[tuple[int, str]]:
@@ -63,23 +66,18 @@ def remove_temporaries(run_dir: str) -> None:
 def save_checkpoint(run_dir: str, step: int, policies: dict, state: dict, keep: int) -> str:
     """Write step_NNNNN atomically, then drop the oldest complete ones beyond `keep`."""
     final = os.path.join(run_dir, f"step_{step:05d}")
-    tmp = f"{final}{TMP_MARK}{os.getpid()}"
     try:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        for role, policy in policies.items():
-            save_policy(policy, os.path.join(tmp, role))
-        torch.save(state, os.path.join(tmp, STATE_FILE))
-        with open(os.path.join(tmp, DONE_FILE), "w") as f:
-            f.write(f"step {step}\n")
-            f.flush()
-            os.fsync(f.fileno())
-        if os.path.isdir(final):  # a finished step saved twice (signal right after a save)
-            shutil.rmtree(final)
-        os.rename(tmp, final)
+        # replace: a finished step saved twice (a signal right after a save)
+        with atomic_dir(final, f"{final}{TMP_MARK}{os.getpid()}", replace=True) as tmp:
+            for role, policy in policies.items():
+                save_policy(policy, os.path.join(tmp, role))
+            torch.save(state, os.path.join(tmp, STATE_FILE))
+            with open(os.path.join(tmp, DONE_FILE), "w") as f:
+                f.write(f"step {step}\n")
+                f.flush()
+                os.fsync(f.fileno())
     except WRITE_ERRORS as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(f"writing checkpoint {final} failed ({one_line_reason(e)}); "
+        raise UserError(f"writing checkpoint {final} failed ({first_line(e)}); "
                         f"earlier checkpoints in {run_dir} are intact") from e
     for _, old in complete_checkpoints(run_dir)[:-keep]:
         # Renamed first, so a kill mid-delete leaves a temporary (cleaned on resume), never a
@@ -89,14 +87,8 @@ def save_checkpoint(run_dir: str, step: int, policies: dict, state: dict, keep: 
             os.rename(old, doomed)
             shutil.rmtree(doomed)
         except OSError as e:  # the new checkpoint is safe; an old one left over is only space
-            log.warning("could not remove old checkpoint %s: %s", old, one_line_reason(e))
+            log.warning("could not remove old checkpoint %s: %s", old, first_line(e))
     return final
-
-
-def one_line_reason(e: BaseException) -> str:
-    """One line for an error message: strerror for OS errors, else the first line of str(e)."""
-    text = getattr(e, "strerror", None) or str(e).strip() or type(e).__name__
-    return text.splitlines()[0][:300]
 
 
 def load_checkpoint(path: str, policies: dict) -> dict:
@@ -111,13 +103,17 @@ def load_checkpoint(path: str, policies: dict) -> dict:
         try:
             load_policy(policy, role_dir)
         except READ_ERRORS as e:
-            raise UserError(f"checkpoint {path}: cannot load {role}/ ({one_line_reason(e)}); "
+            raise UserError(f"checkpoint {path}: cannot load {role}/ ({first_line(e)}); "
                             f"pick an older one with --resume_from") from e
+        except MISMATCH_ERRORS as e:
+            raise UserError(f"checkpoint {path}: {role}/ does not fit this model "
+                            f"({first_line(e)}); resume with the model and LoRA flags it was "
+                            f"trained with, or start afresh under another --wandb_run_name") from e
     try:
         return torch.load(os.path.join(path, STATE_FILE), weights_only=False, map_location="cpu")
-    except READ_ERRORS as e:
+    except STATE_READ_ERRORS as e:
         raise UserError(f"checkpoint {path}: {STATE_FILE} is unreadable "
-                        f"({one_line_reason(e)}); pick an older one with --resume_from") from e
+                        f"({first_line(e)}); pick an older one with --resume_from") from e
 
 
 def set_aside_newer(run_dir: str, step: int) -> None:
@@ -145,29 +141,4 @@ def truncate_log(log_path: str, step: int) -> None:
                 continue
             if record.get("step", 0) <= step:
                 kept.append(line if line.endswith("\n") else line + "\n")
-    tmp = log_path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(kept)
-    os.replace(tmp, log_path)
-
-
-# ---------------------------------------------------------------- RNG state (saved per rank)
-def rng_state() -> dict:
-    """Every generator a step draws from: saved so a resumed run samples what an unbroken one would."""
-    return {"python": random.getstate(), "numpy": np.random.get_state(),
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def set_rng_state(s: dict) -> None:
-    random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
-    torch.set_rng_state(s["torch"])
-    if s["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
-
-
-def seed_all(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+    write_text(log_path, "".join(kept))

@@ -2,7 +2,7 @@
 
 Run the tests for this file with:
 
-    cd /work/main && /work/venv/bin/python -m pytest tests/test_data.py tests/test_parsing.py -q
+    python -m pytest tests/test_data.py tests/test_parsing.py -q
 """
 from __future__ import annotations
 
@@ -19,15 +19,13 @@ import numpy as np
 from PIL import Image, ImageOps
 from qwen_vl_utils import smart_resize
 
-log = logging.getLogger(__name__)
+from errors import UserError, first_line
+
+log = logging.getLogger("ireasoner")
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 # smart_resize refuses aspect ratios above 200; we pad to 150 so rounding can never cross it.
 MAX_ASPECT = 150.0
-
-
-class UserError(Exception):
-    """A problem the user must fix (bad path, empty folder...). train.py prints it as one line."""
 
 
 class BadImage(Exception):
@@ -58,8 +56,7 @@ def load_image(path: str, max_pixels: int, min_pixels: int = 56 * 56, factor: in
                 img = ImageOps.exif_transpose(img)
                 rgb = _to_rgb(img)
     except _LOAD_ERRORS as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise BadImage(f"{type(e).__name__}: {reason}"[:200]) from e
+        raise BadImage(f"{type(e).__name__}: {first_line(e)}"[:200]) from e
     return _resize(rgb, max_pixels, min_pixels, factor)
 
 

@@ -8,7 +8,7 @@
 
 `python infer.py infer|eval|export ...` is the same. An --adapter is a checkpoint's solver/ folder:
 a LoRA adapter (adapter_config.json) or, for a full-finetune run, a whole model (config.json).
-Answers, agreement and step agreement are scored by the training code (train.compute_rewards).
+Answers, agreement and step agreement are scored by the training code (rewards.compute_rewards).
 """
 from __future__ import annotations
 
@@ -24,11 +24,13 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
-import train
+import rewards
 import vlm
 from config import Config
-from data_and_utils import (BadImage, UserError, extract_answer, extract_question, extract_steps,
-                            load_image, normalize_answer, proposer_prompt, solver_prompt)
+from data_and_utils import (BadImage, extract_answer, extract_question, extract_steps, load_image,
+                            normalize_answer, proposer_prompt, solver_prompt)
+from errors import UserError, first_line
+from runtime import seed_all
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 SHOW_STEPS = 64  # steps printed per answer by `infer` (scoring uses the training limit)
@@ -118,7 +120,7 @@ def load_base(name: str, args, export: bool = False):
         return vlm.load_backbone(name, _dtype(args, export), args.device,
                                  getattr(args, "attn_implementation", "sdpa"))
     except (OSError, ValueError) as e:
-        raise UserError(f"cannot load model {name}: {_first_line(e)}") from e
+        raise UserError(f"cannot load model {name}: {first_line(e)}") from e
 
 
 def load_models(args, adapters: dict) -> Loaded:
@@ -139,7 +141,7 @@ def load_models(args, adapters: dict) -> Loaded:
                     root = PeftModel.from_pretrained(base, path, adapter_name=name)
             except (OSError, ValueError, KeyError, RuntimeError) as e:
                 raise UserError(f"cannot load adapter {path} onto {args.model}: "
-                                f"{_first_line(e)}") from e
+                                f"{first_line(e)}") from e
             policies[name] = vlm.Policy(name, root, processor, adapter=name)
     for name, path in adapters.items():
         if path is None:
@@ -168,7 +170,7 @@ def solve(policy: vlm.Policy, image, question: str, args, image_features=None):
     """N sampled answers scored by the training reward code. Returns (prompt, rewards dict)."""
     prompt = vlm.make_prompt(policy, image, solver_prompt(question), image_features)
     roll = vlm.generate(policy, prompt, args.samples, args.max_new_tokens, args.temp, args.top_p)
-    rw = train.compute_rewards(REWARD_CFG, policy, roll.texts, step=0)
+    rw = rewards.compute_rewards(REWARD_CFG, roll.texts, 0, vlm.step_embedder(policy, REWARD_CFG))
     return prompt, {**rw, "texts": roll.texts}
 
 
@@ -204,7 +206,7 @@ def cmd_infer(args) -> int:
         image = read_image(args.image, loaded.processor, args.max_pixels)
     except BadImage as e:
         raise UserError(f"cannot read --image {args.image}: {e}") from e
-    train.seed_all(args.seed)
+    seed_all(args.seed)
     question = args.question
     if not question:
         with scope(loaded, loaded.policies["proposer"]):
@@ -297,7 +299,7 @@ def eval_row(loaded: Loaded, names: list[str], row: Row, image, args, seed: int)
     gold = gold_forms(row)
     for name in names:
         policy = loaded.policies[name]
-        train.seed_all(seed)
+        seed_all(seed)
         with scope(loaded, policy):
             # The vision tower carries no adapter: encode the image once per backbone.
             prompt, rw = solve(policy, image, question_text(row), args, shared.get(id(policy.model)))
@@ -382,7 +384,7 @@ def cmd_export(args) -> int:
         merged = PeftModel.from_pretrained(base, args.adapter).merge_and_unload()
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise UserError(f"cannot load adapter {args.adapter} onto {args.model}: "
-                        f"{_first_line(e)}") from e
+                        f"{first_line(e)}") from e
     # Written next to the target and renamed, so --out is either complete or absent.
     tmp = args.out.rstrip("/") + ".tmp-export"
     try:
@@ -400,11 +402,6 @@ def cmd_export(args) -> int:
 
 
 # ---------------------------------------------------------------- entry point
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:300] if text else type(e).__name__
-
-
 def main(argv: list[str]) -> int:
     """argv[0] is the subcommand (infer, eval or export)."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")

@@ -9,8 +9,7 @@ import uuid
 
 import numpy as np
 
-from checkpoint import one_line_reason
-from data_and_utils import UserError
+from errors import UserError, first_line
 
 
 def start_wandb(cfg, run_name: str, run_dir: str, st):
@@ -54,5 +53,5 @@ def append_log(log_path: str, records: list[dict]) -> None:
         with open(log_path, "a", encoding="utf-8", errors="backslashreplace") as f:
             f.write(text)
     except OSError as e:
-        raise UserError(f"writing {log_path} failed ({one_line_reason(e)}); the last checkpoint "
+        raise UserError(f"writing {log_path} failed ({first_line(e)}); the last checkpoint "
                         f"is intact: free space, then rerun the same command to resume") from e

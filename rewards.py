@@ -1,9 +1,10 @@
-"""Rewards and small schedules for the iReasoner trainer: pure functions, no model.
+"""Rewards, advantages and small schedules for the iReasoner trainer: pure functions, no model.
 
 Each reward function returns (rewards, info); info holds plain Python values for logging.
-Run the tests with:
+compute_rewards() puts them together for one question; the step embedder is passed in as a
+callable, so this file never touches a model. Run the tests with:
 
-    cd /work/main && /work/venv/bin/python -m pytest tests/test_rewards.py -q
+    python -m pytest tests/test_rewards.py -q
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from collections import Counter
 import torch
 import torch.nn.functional as F
 
-from data_and_utils import count_pre_answer_words, extract_answer, normalize_answer
+from data_and_utils import count_pre_answer_words, extract_answer, extract_steps, normalize_answer
 
 
 # -----------------------------------------------------------------------------
@@ -28,6 +29,13 @@ def majority(answers_norm: list[str]) -> tuple[str, int]:
     # Counter keeps first-insertion order, so the first answer reaching `best` was seen first.
     answer = next(a for a, c in counts.items() if c == best)
     return answer, best
+
+
+def majority_group(answers_norm: list[str], dominant: str | None = None) -> list[int]:
+    """Indices of the samples whose answer is `dominant` (default: the majority answer)."""
+    if dominant is None:
+        dominant, _ = majority(answers_norm)
+    return [i for i, a in enumerate(answers_norm) if a == dominant]
 
 
 def answer_entropy(answers_norm: list[str]) -> float:
@@ -67,17 +75,17 @@ def outcome_rewards(outputs: list[str], gamma: float, len_penalty_weight: float,
 # -----------------------------------------------------------------------------
 # trajectory-aware step agreement
 
-def step_agreement_rewards(answers_norm: list[str], step_embeddings: list[torch.Tensor],
+def step_agreement_rewards(group: list[int], step_embeddings: list[torch.Tensor],
                            min_group_size: int, density_gamma: float, position_decay: float,
                            sim_temperature: float) -> tuple[list[float], dict]:
-    """Reward samples in the majority-answer group whose reasoning steps point the same way
-    as the group's average step at each position. Everyone else gets 0."""
-    if len(answers_norm) != len(step_embeddings):
-        raise ValueError(f"{len(answers_norm)} answers but {len(step_embeddings)} embedding sets")
-    n = len(answers_norm)
+    """Reward samples in the majority-answer `group` (indices into `step_embeddings`, one
+    [steps, d] tensor per sample) whose reasoning steps point the same way as the group's
+    average step at each position. Everyone else gets 0."""
+    n = len(step_embeddings)
+    outside = [i for i in group if not 0 <= i < n]
+    if outside:
+        raise ValueError(f"group member {outside[0]} has no embedding set ({n} given)")
     rewards = [0.0] * n
-    dominant, _ = majority(answers_norm)
-    group = [i for i, a in enumerate(answers_norm) if a == dominant]
     info = {"group_size": len(group), "positions_used": 0, "mean_cos": 0.0, "density": 0.0}
     if len(group) < min_group_size:
         return rewards, info
@@ -153,3 +161,38 @@ def update_ema_baseline(b: float, rewards: list[float], momentum: float) -> floa
     for r in rewards:
         b = momentum * b + (1.0 - momentum) * r
     return b
+
+
+def advantages_for(rewards: list[float], baseline: float | None) -> torch.Tensor:
+    """A_i = r_i - b with the running baseline, or r_i - mean(r) (group) when b is None."""
+    r = torch.tensor(rewards, dtype=torch.float32)
+    return r - (r.mean() if baseline is None else baseline)
+
+
+# -----------------------------------------------------------------------------
+# one question's rewards, everything above put together
+
+def compute_rewards(cfg, texts: list[str], step: int, embed) -> dict:
+    """Outcome self-consistency + trajectory-aware step agreement, mixed; proposer reward.
+    `cfg` is a Config; `embed(steps) -> [len(steps), d]` embeds reasoning steps."""
+    outcome, info = outcome_rewards(texts, cfg.solver_soft_gamma, cfg.len_penalty_weight,
+                                    cfg.len_penalty_target_words)
+    steps = [extract_steps(t, cfg.max_reasoning_steps) for t in texts]
+    # Only the majority group's steps are compared, so only those are embedded (one call).
+    group = majority_group(info["answers_norm"], info["dominant_answer"])
+    vectors = embed([s for i in group for s in steps[i]])
+    per_sample, offset = [vectors[:0]] * len(texts), 0
+    for i in group:
+        per_sample[i] = vectors[offset:offset + len(steps[i])]
+        offset += len(steps[i])
+    step_r, step_info = step_agreement_rewards(
+        group, per_sample, cfg.min_step_group_size, cfg.step_group_density_gamma,
+        cfg.step_position_decay, cfg.step_sim_temperature)
+    weight = step_reward_weight(step, cfg.total_steps, cfg.step_reward_weight_start,
+                                cfg.step_reward_weight_end, cfg.step_reward_warmup)
+    final, mix_info = mix_rewards(outcome, step_r, weight)  # its info: step_reward_weight
+    prop_r, prop_info = proposer_reward(info["answer_entropy"], cfg.proposer_reward_mu,
+                                        cfg.proposer_reward_sigma)  # proposer_reward, entropy
+    return {**info, **mix_info, **prop_info, "steps_per_sample": steps,
+            "reward_outcome": outcome, "reward_steps": step_r, "reward_final": final,
+            "step_info": step_info}

@@ -37,7 +37,7 @@ def decode(core, head, inputs: dict, mm_kwargs: dict, n: int, max_new_tokens: in
     logits = head(out.last_hidden_state[:, -1]).expand(n, -1)
     # Generated text continues from the prompt's largest (3-D rope) position, like HF's deltas.
     start, device = int(pos.max()) + 1, logits.device
-    eos = torch.tensor(eos if isinstance(eos, (list, tuple)) else [eos], device=device)
+    eos = eos_tensor(eos, device)
     banned = torch.tensor(suppress, dtype=torch.long, device=device)
     done = torch.zeros(n, dtype=torch.bool, device=device)
     tokens = []
@@ -51,6 +51,11 @@ def decode(core, head, inputs: dict, mm_kwargs: dict, n: int, max_new_tokens: in
             break
         logits = step_logits(tok, start + step)
     return torch.stack(tokens, 1)
+
+
+def eos_tensor(eos, device) -> torch.Tensor:
+    """generation_config.eos_token_id (one id or a list) as a 1-D tensor for torch.isin."""
+    return torch.tensor(eos if isinstance(eos, (list, tuple)) else [eos], device=device).reshape(-1)
 
 
 def _stepper(lm, head, cache, max_new_tokens: int):

@@ -1,6 +1,6 @@
 """Tiny random-weight Qwen-VL checkpoints and synthetic images, for tests, the demo and bench.py.
 
-No download is possible on our machines, so we build a real checkpoint folder locally: a small
+Tests and bench.py run without downloads, so we build a real checkpoint folder locally: a small
 Qwen2-VL, Qwen2.5-VL or Qwen3-VL config, random weights, a byte-level BPE tokenizer trained
 in-process, a Qwen-style chat template and the real processor. It loads back through
 `from_pretrained` like a hub model.
@@ -17,6 +17,8 @@ import sys
 
 import torch
 from PIL import Image, ImageDraw
+
+from atomic import atomic_dir
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",
                   "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
@@ -191,12 +193,11 @@ def build_tiny_model(out_dir: str, hidden: int = 128, layers: int = 2, intermedi
                                             **norm)
     processor = processor_cls(image_processor=image_processor, tokenizer=tokenizer,
                               video_processor=video_cls(), chat_template=CHAT_TEMPLATE)
-    tmp = out_dir.rstrip("/") + ".tmp"
-    model.save_pretrained(tmp)
-    processor.save_pretrained(tmp)
-    with open(os.path.join(tmp, "SAVE_OK"), "w") as f:
-        f.write(f"tiny {family}\n")
-    os.replace(tmp, out_dir)
+    with atomic_dir(out_dir, out_dir.rstrip("/") + ".tmp") as tmp:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        with open(os.path.join(tmp, "SAVE_OK"), "w") as f:
+            f.write(f"tiny {family}\n")
     return out_dir
 
 

@@ -1,20 +1,20 @@
 """iReasoner training: a Proposer asks, a Solver answers N times, intrinsic rewards, REINFORCE + KL.
 
-    python train.py --data_dir /path/to/images --solver_model Qwen/Qwen2.5-VL-7B-Instruct \
+    python train.py --data_dir images/ --solver_model Qwen/Qwen2.5-VL-7B-Instruct \
         --proposer_model Qwen/Qwen2.5-VL-7B-Instruct --use_lora_solver --use_lora_proposer
 
-Reads top to bottom: one step is rollout() -> compute_rewards() -> update_policy() for the Solver
-(and every proposer_update_freq steps for the Proposer) -> log -> checkpoint.
+Reads top to bottom: one step is rollout() -> rewards.compute_rewards() -> update_policy() for
+the Solver (and every proposer_update_freq steps for the Proposer) -> log -> checkpoint.
 """
 from __future__ import annotations
 
-import ctypes
 import logging
 import math
 import os
 import signal
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,18 +23,18 @@ from tqdm import tqdm
 from transformers import StoppingCriteria
 
 import checkpoint as ckpt
-from checkpoint import rng_state, seed_all, set_rng_state
-from logs import append_log, log_wandb, start_wandb
 import rewards as R
 from config import Config, parse_config
-from data_and_utils import (ImagePool, UserError, extract_question, extract_steps, proposer_prompt,
-                            solver_prompt)
+from data_and_utils import ImagePool, extract_question, proposer_prompt, solver_prompt
 from distributed import Dist
-from vlm import (Policy, Prompt, Rollout, acting, build_policies, completion_logits, embed_steps,
-                 generate, image_sizing, kl_per_token, make_prompt, reference_logprobs, token_logprobs)
+from errors import TrainingError, UserError
+from logs import append_log, log_wandb, start_wandb
+from runtime import keep_freed_memory, rng_state, seed_all, set_rng_state
+from vlm import (ROLES, Policy, Prompt, Rollout, acting, build_policies, completion_logits,
+                 generate, image_sizing, kl_per_token, make_prompt, reference_logprobs,
+                 step_embedder, token_logprobs)
 
 log = logging.getLogger("ireasoner")
-ROLES = ("solver", "proposer")
 MAX_NONFINITE_IN_A_ROW = 3
 
 
@@ -79,43 +79,28 @@ class Stop(StoppingCriteria):
 
 
 # ---------------------------------------------------------------- one step
-def rollout(cfg: Config, policies: dict, image, stop: Stop) -> dict[str, Episode]:
+def no_timer(phase: str):
+    """The default phase timer of train_step: times nothing. bench.py passes one that records
+    wall and CPU seconds per phase (prompts, <role>_generate, rewards, <role>_update)."""
+    return nullcontext()
+
+
+def rollout(cfg: Config, policies: dict, image, stop: Stop, timer=no_timer) -> dict[str, Episode]:
     """Proposer writes a question; the Solver samples N answers in one batched call."""
     proposer, solver = policies["proposer"], policies["solver"]
-    p_prompt = make_prompt(proposer, image, proposer_prompt())
-    p_roll = generate(proposer, p_prompt, 1, cfg.max_new_tokens_proposer, cfg.temp, cfg.top_p, stop)
+    with timer("prompts"):
+        p_prompt = make_prompt(proposer, image, proposer_prompt())
+    with timer("proposer_generate"):
+        p_roll = generate(proposer, p_prompt, 1, cfg.max_new_tokens_proposer, cfg.temp, cfg.top_p,
+                          stop)
     question = extract_question(p_roll.texts[0])
     shared = p_prompt.image_features if proposer.model is solver.model else None
-    s_prompt = make_prompt(solver, image, solver_prompt(question), image_features=shared)
-    s_roll = generate(solver, s_prompt, cfg.num_solver_samples, cfg.max_new_tokens_solver,
-                      cfg.temp, cfg.top_p, stop)
+    with timer("prompts"):
+        s_prompt = make_prompt(solver, image, solver_prompt(question), image_features=shared)
+    with timer("solver_generate"):
+        s_roll = generate(solver, s_prompt, cfg.num_solver_samples, cfg.max_new_tokens_solver,
+                          cfg.temp, cfg.top_p, stop)
     return {"proposer": Episode(p_prompt, p_roll, []), "solver": Episode(s_prompt, s_roll, [])}
-
-
-def compute_rewards(cfg: Config, solver: Policy, texts: list[str], step: int) -> dict:
-    """Outcome self-consistency + trajectory-aware step agreement, mixed; proposer reward."""
-    outcome, info = R.outcome_rewards(texts, cfg.solver_soft_gamma, cfg.len_penalty_weight,
-                                      cfg.len_penalty_target_words)
-    steps = [extract_steps(t, cfg.max_reasoning_steps) for t in texts]
-    # Only the majority group's steps are compared, so only those are embedded (one call).
-    group = [i for i, a in enumerate(info["answers_norm"]) if a == info["dominant_answer"]]
-    flat = [s for i in group for s in steps[i]]
-    vectors = embed_steps(solver, flat, cfg.step_embedder, cfg.step_embed_max_tokens)
-    per_sample, offset = [vectors[:0]] * len(texts), 0
-    for i in group:
-        per_sample[i] = vectors[offset:offset + len(steps[i])]
-        offset += len(steps[i])
-    step_r, step_info = R.step_agreement_rewards(
-        info["answers_norm"], per_sample, cfg.min_step_group_size, cfg.step_group_density_gamma,
-        cfg.step_position_decay, cfg.step_sim_temperature)
-    weight = R.step_reward_weight(step, cfg.total_steps, cfg.step_reward_weight_start,
-                                  cfg.step_reward_weight_end, cfg.step_reward_warmup)
-    final, _ = R.mix_rewards(outcome, step_r, weight)
-    prop_r, _ = R.proposer_reward(info["answer_entropy"], cfg.proposer_reward_mu,
-                                  cfg.proposer_reward_sigma)
-    return {**info, "steps_per_sample": steps, "reward_outcome": outcome, "reward_steps": step_r,
-            "step_reward_weight": weight, "reward_final": final, "proposer_reward": prop_r,
-            "step_info": step_info}
 
 
 def accumulate_gradients(cfg: Config, policy: Policy, episode: Episode, advantages: torch.Tensor,
@@ -162,16 +147,18 @@ def update_policy(cfg: Config, policy: Policy, optimizer, episode: Episode,
 
 
 def train_step(cfg: Config, policies: dict, optimizers: dict, pool: ImagePool, st: TrainState,
-               step: int, dist: Dist, stop: Stop) -> list[dict] | None:
+               step: int, dist: Dist, stop: Stop, timer=no_timer) -> list[dict] | None:
     """One global step on every rank. Returns the per-rank records (on every rank), or None if
-    a signal arrived before any update, in which case nothing has changed."""
+    a signal arrived before any update, in which case nothing has changed. `timer(phase)` is a
+    context manager around each phase (see no_timer)."""
     t0 = time.time()
     image_path, image = pool.get((step - 1) * dist.world + dist.rank)
-    eps = rollout(cfg, policies, image, stop)
+    eps = rollout(cfg, policies, image, stop, timer)
     if dist.any(bool(stop.signum)):
         return None
     solver, s_ep, p_ep = policies["solver"], eps["solver"], eps["proposer"]
-    rw = compute_rewards(cfg, solver, s_ep.rollout.texts, step)
+    with timer("rewards"):
+        rw = R.compute_rewards(cfg, s_ep.rollout.texts, step, step_embedder(solver, cfg))
     rec = {"step": step, "rank": dist.rank, "image_path": image_path,
            "question": extract_question(p_ep.rollout.texts[0]),
            "proposer_output": p_ep.rollout.texts[0], "solver_outputs": s_ep.rollout.texts,
@@ -180,10 +167,10 @@ def train_step(cfg: Config, policies: dict, optimizers: dict, pool: ImagePool, s
                                  "answer_entropy", "reward_outcome", "reward_steps",
                                  "step_reward_weight", "reward_final", "proposer_reward")}}
     s_ep.rewards, p_ep.rewards = rw["reward_final"], [rw["proposer_reward"]]
-    rec.update(_update_role(cfg, "solver", policies, optimizers, s_ep, st, dist))
+    rec.update(_update_role(cfg, "solver", policies, optimizers, s_ep, st, dist, timer))
     rec["proposer_updated"] = step % cfg.proposer_update_freq == 0
     if rec["proposer_updated"]:
-        rec.update(_update_role(cfg, "proposer", policies, optimizers, p_ep, st, dist))
+        rec.update(_update_role(cfg, "proposer", policies, optimizers, p_ep, st, dist, timer))
     else:
         rec.update({"proposer_kl": None, "kl_coef_proposer_before": None,
                     "kl_coef_proposer_after": None, "proposer_loss": None})
@@ -194,7 +181,8 @@ def train_step(cfg: Config, policies: dict, optimizers: dict, pool: ImagePool, s
                             for p in solver.parameters()]).sum().item()
     rec.update(step_info=rw["step_info"], skipped_images=st.skipped_images,
                solver_param_checksum=checksum,
-               nonfinite_skips=st.nonfinite_skips, seconds=round(time.time() - t0, 4))
+               nonfinite_skips=st.nonfinite_skips, seconds=round(time.time() - t0, 4),
+               generated_tokens=int(p_ep.rollout.mask.sum() + s_ep.rollout.mask.sum()))
     return dist.gather(rec)
 
 
@@ -209,14 +197,15 @@ def sync_bad_images(pool: ImagePool, st: TrainState, dist: Dist) -> None:
 
 
 def _update_role(cfg: Config, role: str, policies: dict, optimizers: dict, episode: Episode,
-                 st: TrainState, dist: Dist) -> dict:
+                 st: TrainState, dist: Dist, timer=no_timer) -> dict:
     """Update one role, then fold every rank's rewards (rank order) into its baseline and adapt
     its beta with the rank-averaged KL, so both stay identical across ranks."""
     b, beta = st.baseline[role], st.kl_coef[role]
     # A one-sample group has zero advantage, so the Proposer always uses the running baseline.
     use_group = cfg.baseline == "group" and role == "solver"
-    adv = advantages_for(episode.rewards, None if use_group else b)
-    out = update_policy(cfg, policies[role], optimizers[role], episode, adv, beta, dist)
+    adv = R.advantages_for(episode.rewards, None if use_group else b)
+    with timer(f"{role}_update"):
+        out = update_policy(cfg, policies[role], optimizers[role], episode, adv, beta, dist)
     kl = dist.mean(out["kl"])
     all_rewards = [r for rank_rewards in dist.gather(episode.rewards) for r in rank_rewards]
     st.baseline[role] = R.update_ema_baseline(b, all_rewards, cfg.baseline_momentum)
@@ -236,33 +225,7 @@ def _update_role(cfg: Config, role: str, policies: dict, optimizers: dict, episo
             f"kl_coef_{role}_after": st.kl_coef[role], f"{role}_loss": out["loss"]}
 
 
-class TrainingError(RuntimeError):
-    """Training cannot go on safely (printed as one line, exit 1)."""
-
-
-def advantages_for(rewards: list[float], baseline: float | None) -> torch.Tensor:
-    """A_i = r_i - b with the running baseline, or r_i - mean(r) (group) when b is None."""
-    r = torch.tensor(rewards, dtype=torch.float32)
-    return r - (r.mean() if baseline is None else baseline)
-
-
 # ---------------------------------------------------------------- setup, resume, loop
-def keep_freed_memory() -> None:
-    """Every step allocates and frees the same large CPU tensors. glibc returns blocks over
-    128 KiB to the kernel on free, so the next step page-faults them back in: ~40k faults and
-    0.1-0.5 s of system time per tiny-model CPU step on a 2-core VM (bench.py). Keep freed
-    memory for reuse instead; the process then stays at its peak RSS. No-op without glibc."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        log.debug("no glibc: malloc left as is")
-        return
-    m_trim_threshold, m_mmap_threshold = -1, -3  # mallopt parameters, from <malloc.h>
-    for param in (m_mmap_threshold, m_trim_threshold):
-        if not libc.mallopt(param, 1 << 30):
-            log.debug("glibc refused mallopt(%d)", param)
-
-
 def resolve_device_map(cfg: Config, dist: Dist) -> None:
     if dist.world > 1 and cfg.device_map == "auto":
         raise UserError(f"--device_map auto shards one model over all GPUs of one process; with "

@@ -16,12 +16,13 @@ import torch.nn.functional as F
 from transformers import AutoModelForImageTextToText, AutoProcessor
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from sampling import decode
+import config
+from sampling import decode, eos_tensor
 
 log = logging.getLogger("ireasoner")
 ROLES = ("solver", "proposer")
 VISION_TOKENS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+DTYPES = {name: getattr(torch, name) for name in config.DTYPES}  # --dtype name -> torch dtype
 
 
 @dataclass
@@ -152,10 +153,15 @@ def _disabled(model):
 
 
 # ---------------------------------------------------------------- prompts and generation
+def chat_text(processor, text: str) -> str:
+    """One user turn holding the image and `text`, through the model's chat template."""
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
 def make_prompt(policy: Policy, image, text: str, image_features=None) -> Prompt:
     """Run the processor once; encode the image once unless the vision tower is trained."""
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
-    chat = policy.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    chat = chat_text(policy.processor, text)
     inputs = policy.processor(text=[chat], images=[image], return_tensors="pt")
     inputs = {k: v.to(policy.device) for k, v in inputs.items()}
     if image_features is None and not policy.vision_trainable:
@@ -225,8 +231,7 @@ def _pad_id(policy: Policy) -> int:
 
 def completion_mask(ids: torch.Tensor, eos) -> torch.Tensor:
     """1 up to and including the first eos of each row, 0 after it."""
-    eos = torch.tensor(eos if isinstance(eos, (list, tuple)) else [eos], device=ids.device)
-    is_eos = torch.isin(ids, eos).long()
+    is_eos = torch.isin(ids, eos_tensor(eos, ids.device)).long()
     after_eos = (is_eos.cumsum(1) - is_eos) > 0
     return (~after_eos).long()
 
@@ -318,6 +323,11 @@ def embed_steps(policy: Policy, steps: list[str], kind: str, max_tokens: int) ->
     m = mask.unsqueeze(-1).to(h.dtype)
     mean = (h * m).sum(1) / m.sum(1).clamp(min=1)
     return F.normalize(mean.float(), dim=-1).cpu()
+
+
+def step_embedder(policy: Policy, cfg):
+    """The `embed(steps)` callable rewards.compute_rewards takes, as the Config asks for it."""
+    return lambda steps: embed_steps(policy, steps, cfg.step_embedder, cfg.step_embed_max_tokens)
 
 
 # ---------------------------------------------------------------- saving and loading

@@ -1,7 +1,7 @@
 """Bad input never stops a run: hostile image folders through the real CLI, and hostile model
 output through the trainer's reward and log code.
 
-    cd /work/main && /work/venv/bin/python -m pytest tests/test_bad_data.py -q
+    python -m pytest tests/test_bad_data.py -q
 """
 import dataclasses
 import io
@@ -24,12 +24,13 @@ from PIL import Image
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import rewards  # noqa: E402
 import train  # noqa: E402
 from config import STEP_EMBEDDERS, parse_config  # noqa: E402
 from data_and_utils import (DEFAULT_QUESTION, ImagePool, extract_answer,  # noqa: E402
                             extract_question, extract_steps)
 from conftest import ENV  # noqa: E402
-from vlm import build_policies  # noqa: E402
+from vlm import build_policies, step_embedder  # noqa: E402
 
 MAX_PIXELS = 1024 * 28 * 28
 NON_UTF8_NAME = b"caf\xe9.png"  # a Latin-1 file name: Python sees it with a lone surrogate
@@ -273,7 +274,7 @@ def test_hostile_outputs_through_rewards_and_log(policies_setup):
             assert isinstance(extract_question(text), str) and extract_question(text)
             assert isinstance(extract_answer(text), str)
             assert len(extract_steps(text, cfg.max_reasoning_steps)) <= cfg.max_reasoning_steps
-        rw = train.compute_rewards(run_cfg, solver, texts, step)
+        rw = rewards.compute_rewards(run_cfg, texts, step, step_embedder(solver, run_cfg))
         check_rewards(rw, len(texts))
         record = {"step": step, "question": extract_question(texts[0]),
                   "proposer_output": texts[0], "solver_outputs": texts, **rw}
@@ -311,7 +312,8 @@ def test_hostile_question_reaches_the_solver_prompt(policies_setup, monkeypatch,
     assert "<|" not in extract_question(proposer_text)
     texts = episodes["solver"].rollout.texts
     assert len(texts) == cfg.num_solver_samples
-    check_rewards(train.compute_rewards(cfg, policies["solver"], texts, 1), len(texts))
+    check_rewards(rewards.compute_rewards(cfg, texts, 1, step_embedder(policies["solver"], cfg)),
+                  len(texts))
 
 
 def test_question_of_control_tokens_only_falls_back_to_default():

@@ -1,6 +1,6 @@
 """Image loading and the image pool, on small images written into tmp_path. Run with:
 
-    cd /work/main && /work/venv/bin/python -m pytest tests/test_data.py -q
+    python -m pytest tests/test_data.py -q
 """
 import logging
 import os
@@ -13,7 +13,8 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from data_and_utils import BadImage, ImagePool, UserError, load_image  # noqa: E402
+from data_and_utils import BadImage, ImagePool, load_image  # noqa: E402
+from errors import UserError  # noqa: E402
 
 MAX_PIXELS = 1024 * 28 * 28
 MIN_PIXELS = 56 * 56

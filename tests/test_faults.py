@@ -3,7 +3,7 @@
 Everything goes through the real command line on the tiny model: as a subprocess wherever a
 signal is involved, in-process (train.main) where a writer or the loss must be patched.
 
-    cd /work/main && /work/venv/bin/python -m pytest tests/test_faults.py -q
+    python -m pytest tests/test_faults.py -q
 """
 import contextlib
 import errno

@@ -1,6 +1,6 @@
 """Parsing of model output (tags, answers, steps), plus a fuzz test on hostile text. Run with:
 
-    cd /work/main && /work/venv/bin/python -m pytest tests/test_parsing.py -q
+    python -m pytest tests/test_parsing.py -q
 """
 import math
 import os

@@ -1,7 +1,7 @@
 """Reward functions against numbers worked out by hand (the literal is the expectation; the
 comment next to it shows the arithmetic). Run with:
 
-    cd /work/main && /work/venv/bin/python -m pytest tests/test_rewards.py -q
+    python -m pytest tests/test_rewards.py -q
 """
 import math
 import os
@@ -12,7 +12,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from rewards import (answer_entropy, majority, mix_rewards, outcome_rewards,  # noqa: E402
+from rewards import (answer_entropy, majority, majority_group, mix_rewards, outcome_rewards,  # noqa: E402
                      proposer_reward, step_agreement_rewards, step_reward_weight,
                      update_ema_baseline, update_kl_coef)
 
@@ -114,7 +114,7 @@ def t(*rows):
 def test_step_agreement_orthogonal_pair_with_density():
     answers = ["a", "a", "b"]
     embs = [t([1, 0]), t([0, 1]), t([1, 0])]
-    r, info = step_agreement_rewards(answers, embs, min_group_size=2, density_gamma=0.7,
+    r, info = step_agreement_rewards(majority_group(answers), embs, min_group_size=2, density_gamma=0.7,
                                      position_decay=0.15, sim_temperature=1.0)
     # centre = (1,1)/sqrt2, cos = 0.707107, u = 0.853553; density = (2/3)**0.7 = 0.752898
     assert r == approx([0.642639, 0.642639, 0.0], abs=1e-6)
@@ -124,7 +124,7 @@ def test_step_agreement_orthogonal_pair_with_density():
 
 def test_step_agreement_tanh_temperature():
     embs = [t([1, 0]), t([0, 1]), t([1, 0])]
-    r, info = step_agreement_rewards(["a", "a", "b"], embs, 2, 0.7, 0.15, sim_temperature=0.5)
+    r, info = step_agreement_rewards(majority_group(["a", "a", "b"]), embs, 2, 0.7, 0.15, sim_temperature=0.5)
     # tanh(0.707107/0.5) = tanh(1.414214) = 0.888386 -> u = 0.944193; * 0.752898
     assert r == approx([0.710881, 0.710881, 0.0], abs=1e-6)
     assert info["mean_cos"] == approx(0.707107, abs=1e-6)  # raw cosine, before tanh
@@ -134,7 +134,7 @@ def test_step_agreement_position_decay_and_member_without_steps():
     answers = ["x", "x", "x", "x"]
     # Sample 0's third step is alone at position 2, so that position is not used.
     embs = [t([1, 0], [1, 0], [0, 1]), t([1, 0], [0, 1]), t([1, 0]), torch.zeros(0, 2)]
-    r, info = step_agreement_rewards(answers, embs, 2, 0.7, position_decay=0.15,
+    r, info = step_agreement_rewards(majority_group(answers), embs, 2, 0.7, position_decay=0.15,
                                      sim_temperature=1.0)
     # position 0: all agree, u = 1. position 1 (samples 0, 1): u = 0.853553, w1 = e^-0.15 = 0.860708
     # r0 = r1 = (1 + 0.860708*0.853553) / 1.860708 = 0.932258; r2 only has position 0 -> 1.
@@ -147,29 +147,29 @@ def test_step_agreement_position_decay_and_member_without_steps():
 
 def test_step_agreement_no_decay_weights_positions_equally():
     embs = [t([1, 0], [1, 0]), t([1, 0], [0, 1])]
-    r, _ = step_agreement_rewards(["x", "x"], embs, 2, 0.7, position_decay=0.0, sim_temperature=1.0)
+    r, _ = step_agreement_rewards(majority_group(["x", "x"]), embs, 2, 0.7, position_decay=0.0, sim_temperature=1.0)
     assert r == approx([0.926777, 0.926777], abs=1e-6)  # (1 + 0.853553) / 2
 
 
 def test_step_agreement_group_too_small():
     embs = [t([1, 0]), t([0, 1]), t([1, 0])]
-    r, info = step_agreement_rewards(["a", "b", "c"], embs, 2, 0.7, 0.15, 1.0)
+    r, info = step_agreement_rewards(majority_group(["a", "b", "c"]), embs, 2, 0.7, 0.15, 1.0)
     assert r == [0.0, 0.0, 0.0]
     assert info == {"group_size": 1, "positions_used": 0, "mean_cos": 0.0, "density": 0.0}
 
 
 def test_step_agreement_opposite_steps_and_zero_vectors_are_finite():
     # Opposite steps: centre is the zero vector -> cos 0, u = 0.5 for both (no NaN).
-    r, info = step_agreement_rewards(["x", "x"], [t([1, 0]), t([-1, 0])], 2, 0.7, 0.15, 1.0)
+    r, info = step_agreement_rewards(majority_group(["x", "x"]), [t([1, 0]), t([-1, 0])], 2, 0.7, 0.15, 1.0)
     assert r == [0.5, 0.5] and info["mean_cos"] == 0.0
     # A zero embedding: centre = (1, 0); cos 0 -> 0.5, cos 1 -> 1.0.
-    r, _ = step_agreement_rewards(["x", "x"], [t([0, 0]), t([3, 0])], 2, 0.7, 0.15, 1.0)
+    r, _ = step_agreement_rewards(majority_group(["x", "x"]), [t([0, 0]), t([3, 0])], 2, 0.7, 0.15, 1.0)
     assert r == [0.5, 1.0]
 
 
 def test_step_agreement_length_mismatch_is_an_error():
     with pytest.raises(ValueError):
-        step_agreement_rewards(["a", "a"], [t([1, 0])], 2, 0.7, 0.15, 1.0)
+        step_agreement_rewards(majority_group(["a", "a"]), [t([1, 0])], 2, 0.7, 0.15, 1.0)
 
 
 # -----------------------------------------------------------------------------
