@@ -180,3 +180,71 @@ def parse_config(argv: list[str] | None = None) -> Config:
     parser = HfArgumentParser(Config)
     (cfg,) = parser.parse_args_into_dataclasses(args=sys.argv[1:] if argv is None else argv)
     return cfg
+
+
+# ---------------------------------------------------------------- run.py infer / eval / export
+# The same HfArgumentParser reads these; sampling and image defaults are Config's, so inference
+# samples the way training did unless told otherwise.
+@dataclass(kw_only=True)
+class ModelArgs:
+    """Options every `run.py infer|eval|export` command takes."""
+    model: str = _help("Base model: HF id or local folder.")
+    device: str = _help("device_map: cpu, cuda, cuda:0 or auto.", default="cpu")
+    dtype: str = field(default="auto", metadata={
+        "help": "auto: float32 on cpu, else bfloat16 (export: the checkpoint's dtype).",
+        "choices": ("auto", *DTYPES)})
+    attn_implementation: str = field(default=Config.attn_implementation, metadata={
+        "help": "Attention kernel.", "choices": ATTN_IMPLEMENTATIONS})
+
+
+@dataclass(kw_only=True)
+class ExportArgs(ModelArgs):
+    adapter: str = _help("LoRA adapter folder to merge.")
+    out: str = _help("Folder for the merged model (must not exist).")
+
+
+@dataclass(kw_only=True)
+class SampleArgs(ModelArgs):
+    """Sampling options of `infer` and `eval`."""
+    max_pixels: int = _help("Image pixel cap.", default=Config.max_pixels)
+    samples: int = _help("Answers sampled per question (N).", default=Config.num_solver_samples)
+    max_new_tokens: int = _help("Max new tokens per answer.", default=Config.max_new_tokens_solver)
+    temp: float = _help("Sampling temperature.", default=Config.temp)
+    top_p: float = _help("Nucleus top-p.", default=Config.top_p)
+    seed: int = _help("Sampling seed.", default=0)
+
+    def __post_init__(self):
+        for name in ("samples", "max_new_tokens", "max_pixels"):
+            _check(getattr(self, name) >= 1, f"--{name} must be >= 1, got {getattr(self, name)}")
+        _check(self.temp > 0 and 0 < self.top_p <= 1,
+               f"need --temp > 0 and 0 < --top_p <= 1, got {self.temp}, {self.top_p}")
+
+
+@dataclass(kw_only=True)
+class InferArgs(SampleArgs):
+    adapter: str = _help("Solver folder, or none for the base.", default="none")
+    image: str = _help("Image file.")
+    question: str = _help("Default: the checkpoint's proposer asks.", default="")
+    max_new_tokens_proposer: int = _help("Max new tokens for the proposer's question.",
+                                         default=Config.max_new_tokens_proposer)
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check(self.max_new_tokens_proposer >= 1,
+               f"--max_new_tokens_proposer must be >= 1, got {self.max_new_tokens_proposer}")
+
+
+@dataclass(kw_only=True)
+class EvalArgs(SampleArgs):
+    adapter: list[str] = field(default_factory=list, metadata={
+        "help": "Solver folder or none (the base); repeat to compare side by side.",
+        "action": "append"})
+    data: str = _help("JSONL: image (relative to the file), question, answer, optional choices.")
+    limit: int = _help("Evaluate the first K good rows.", default=0)
+    out: str = _help("Write one JSON result line per row here.", default="")
+
+    def __post_init__(self):
+        super().__post_init__()
+        # argparse's append of a nargs="+" flag gives one list per --adapter: flatten them.
+        self.adapter = [a for group in self.adapter
+                        for a in (group if isinstance(group, list) else [group])]

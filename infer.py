@@ -12,7 +12,6 @@ Answers, agreement and step agreement are scored by the training code (rewards.c
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -23,10 +22,11 @@ from dataclasses import dataclass, field
 
 import torch
 from tqdm import tqdm
+from transformers import HfArgumentParser
 
 import rewards
 import vlm
-from config import Config
+from config import Config, EvalArgs, ExportArgs, InferArgs
 from data_and_utils import (BadImage, extract_answer, extract_question, extract_steps, load_image,
                             normalize_answer, proposer_prompt, solver_prompt)
 from errors import UserError, first_line
@@ -38,51 +38,25 @@ REWARD_CFG = Config()  # the training defaults: step limit, embedder, group size
 
 
 # ---------------------------------------------------------------- command line
-class _Parser(argparse.ArgumentParser):
+COMMAND_ARGS = {"infer": InferArgs, "eval": EvalArgs, "export": ExportArgs}
+
+
+class _Parser(HfArgumentParser):
     def error(self, message):  # one line via main(), not argparse's usage dump + exit
         raise UserError(f"{self.prog}: {message}")
 
 
-def build_parser(command: str) -> argparse.ArgumentParser:
-    p = _Parser(prog=f"run.py {command}", description=__doc__.split("\n")[0])
-    p.add_argument("--model", required=True, help="Base model: HF id or local folder.")
-    p.add_argument("--device", default="cpu", help="device_map: cpu, cuda, cuda:0 or auto.")
-    p.add_argument("--dtype", default="auto", choices=["auto", *vlm.DTYPES],
-                   help="auto: float32 on cpu, else bfloat16 (export: the checkpoint's dtype).")
-    if command == "export":
-        p.add_argument("--adapter", required=True, help="LoRA adapter folder to merge.")
-        p.add_argument("--out", required=True, help="Folder for the merged model (must not exist).")
-        return p
-    p.add_argument("--attn_implementation", default="sdpa", help="sdpa, eager or flash_attention_2.")
-    for flag, kind, default, text in (
-            ("max_pixels", int, Config.max_pixels, "Image pixel cap."),
-            ("samples", int, 5, "Answers sampled per question (N)."),
-            ("max_new_tokens", int, 256, "Max new tokens per answer."),
-            ("temp", float, 1.0, "Sampling temperature."), ("top_p", float, 1.0, "Nucleus top-p."),
-            ("seed", int, 0, "Sampling seed.")):
-        p.add_argument(f"--{flag}", type=kind, default=default, help=text)
-    if command == "infer":
-        p.add_argument("--adapter", default="none", help="Solver folder, or none for the base.")
-        p.add_argument("--image", required=True, help="Image file.")
-        p.add_argument("--question", default="", help="Default: the checkpoint's proposer asks.")
-        p.add_argument("--max_new_tokens_proposer", type=int, default=128,
-                       help="Max new tokens for the proposer's question.")
-    else:
-        p.add_argument("--adapter", action="append", default=None,
-                       help="Solver folder or none (the base); repeat to compare side by side.")
-        p.add_argument("--data", required=True, help="JSONL: image (relative to the file), "
-                                                     "question, answer, optional choices.")
-        p.add_argument("--limit", type=int, default=0, help="Evaluate the first K good rows.")
-        p.add_argument("--out", default="", help="Write one JSON result line per row here.")
-    return p
-
-
-def _check_sampling(args) -> None:
-    for name in ("samples", "max_new_tokens", "max_pixels", "max_new_tokens_proposer"):
-        if getattr(args, name, 1) < 1:  # the proposer's limit exists for `infer` only
-            raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if args.temp <= 0 or not 0 < args.top_p <= 1:
-        raise UserError(f"need --temp > 0 and 0 < --top_p <= 1, got {args.temp}, {args.top_p}")
+def parse_args(command: str, argv: list[str]):
+    """The command's options dataclass; every mistake in argv is a UserError."""
+    parser = _Parser(COMMAND_ARGS[command], prog=f"run.py {command}",
+                     description=__doc__.split("\n")[0])
+    try:
+        args, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    except ValueError as e:  # a failed check in __post_init__
+        raise UserError(f"run.py {command}: {e}") from e
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args
 
 
 # ---------------------------------------------------------------- loading
@@ -117,8 +91,7 @@ def _dtype(args, export: bool = False) -> str:
 
 def load_base(name: str, args, export: bool = False):
     try:
-        return vlm.load_backbone(name, _dtype(args, export), args.device,
-                                 getattr(args, "attn_implementation", "sdpa"))
+        return vlm.load_backbone(name, _dtype(args, export), args.device, args.attn_implementation)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load model {name}: {first_line(e)}") from e
 
@@ -187,8 +160,7 @@ def ask(policy: vlm.Policy, image, args) -> str:
     return extract_question(roll.texts[0])
 
 
-def cmd_infer(args) -> int:
-    _check_sampling(args)
+def cmd_infer(args: InferArgs) -> int:
     solver_dir = None if args.adapter.lower() == "none" else args.adapter
     adapters = {"solver": solver_dir}
     if not args.question:
@@ -311,8 +283,7 @@ def eval_row(loaded: Loaded, names: list[str], row: Row, image, args, seed: int)
     return results
 
 
-def cmd_eval(args) -> int:
-    _check_sampling(args)
+def cmd_eval(args: EvalArgs) -> int:
     specs = args.adapter or ["none"]
     labels = {f"m{i}": ("base" if s.lower() == "none" else s) for i, s in enumerate(specs)}
     if len(set(labels.values())) < len(labels):
@@ -327,7 +298,7 @@ def cmd_eval(args) -> int:
     try:
         out = open(args.out, "w", encoding="utf-8") if args.out else nullcontext()
     except OSError as e:
-        raise UserError(f"cannot write --out {args.out}: {e.strerror or e}") from e
+        raise UserError(f"cannot write --out {args.out}: {first_line(e)}") from e
     with out as f:
         totals = eval_rows(loaded, labels, rows, bad, args, f)
     print(format_table(labels, totals, args.samples))
@@ -412,7 +383,7 @@ def main(argv: list[str]) -> int:
         print(f"error: the first argument must be one of {', '.join(commands)}", file=sys.stderr)
         return 2
     try:
-        return commands[argv[0]](build_parser(argv[0]).parse_args(argv[1:]))
+        return commands[argv[0]](parse_args(argv[0], argv[1:]))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
