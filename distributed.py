@@ -62,3 +62,26 @@ class Dist:
     def barrier(self):
         if self.world > 1:
             self.state.wait_for_everyone()
+
+    def close(self, wait: bool = True) -> None:
+        """Meet every rank at a barrier (wait=True), then destroy the process group.
+
+        Why this must run before the process exits: gloo runs each collective on a worker thread,
+        which completes the collective (waking the caller) and only then drops its reference to
+        the collective's tensors. Those tensors were made in Python, so freeing them needs the
+        GIL. If the caller returns from its last collective and Python starts to finalize first,
+        the worker thread asking for the GIL is made to exit by pthread_exit, whose unwinding
+        through a noexcept destructor calls std::terminate: "terminate called without an active
+        exception" (SIGABRT) at exit after a complete run. A busy CPU widens the window, so it hit
+        the 2-core test suite often. destroy_process_group joins those threads while the
+        interpreter is alive. The barrier first lets every rank finish its collectives, so no
+        rank tears down its connections while a peer still waits on one.
+
+        wait=False is for an exception only this rank may have raised: its peers may be inside
+        another collective, which a barrier would pair with and hang on until the timeout;
+        destroying the group at once closes the connections, so a waiting peer fails now."""
+        if not torch.distributed.is_initialized():
+            return
+        if wait:
+            self.barrier()
+        self.state.destroy_process_group()

@@ -302,8 +302,23 @@ def build_models(cfg: Config, pool: ImagePool) -> tuple[dict, dict]:
 
 
 def train(cfg: Config) -> int:
+    """Train, then leave the process group on every exit path (see Dist.close for why)."""
     keep_freed_memory()
     dist = Dist()
+    try:
+        code = run_training(cfg, dist)
+    except BaseException:
+        # Every rank raises a failed checkpoint write or a non-finite stop together, after the
+        # collective that agreed on it; but an unreadable data folder or a failed log write is
+        # one rank's alone, and its peers may be in the next collective, where a barrier would
+        # hang until the timeout. So no barrier here: only destroy, which cannot block.
+        dist.close(wait=False)
+        raise
+    dist.close()  # finished, stopped by a signal, or nothing to do: every rank gets here
+    return code
+
+
+def run_training(cfg: Config, dist: Dist) -> int:
     resolve_device_map(cfg, dist)
     pool = ImagePool(cfg.data_dir, cfg.include_subfolders_list, cfg.seed, cfg.max_pixels)
     run_name = dist.broadcast(cfg.wandb_run_name or time.strftime("run-%Y%m%d-%H%M%S"))

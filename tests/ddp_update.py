@@ -44,6 +44,15 @@ def advantages(rank: int) -> torch.Tensor:
 
 def main(model: str, data: str, out: str):
     dist = Dist()
+    try:
+        update_and_save(model, data, out, dist)
+    except BaseException:  # as in train.train: no barrier after an error, which may be ours alone
+        dist.close(wait=False)
+        raise
+    dist.close()  # gloo worker threads must be joined before exit (Dist.close says why)
+
+
+def update_and_save(model: str, data: str, out: str, dist: Dist):
     cfg, policies, pool = setup(model, data)
     solver = policies["solver"]
     train.seed_all(cfg.seed + dist.rank)
