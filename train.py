@@ -30,6 +30,8 @@ from config import Config, parse_config
 from data_and_utils import (ImagePool, UserError, extract_question, extract_steps, proposer_prompt,
                             solver_prompt)
 from distributed import Dist
+from sampling import decode_path
+from vlm import _core
 from vlm import (Policy, Prompt, Rollout, acting, build_policies, completion_logits, embed_steps,
                  generate, image_sizing, kl_per_token, make_prompt, reference_logprobs, token_logprobs)
 
@@ -348,6 +350,10 @@ def train(cfg: Config) -> int:
     os.makedirs(run_dir, exist_ok=True)
     seed_all(cfg.seed)  # identical LoRA init on every rank
     policies, optimizers = build_models(cfg, pool)
+    if dist.is_main:  # which decode step sampling runs, and why: a slow path must not be silent
+        for role, p in policies.items():
+            log.info("%s decode path: %s (%s)", role,
+                     *decode_path(_core(p.model).language_model, p.model.get_output_embeddings()))
     st = TrainState(kl_coef={r: cfg.kl_coef for r in ROLES})
     seed_all(cfg.seed + dist.rank)  # different samples on every rank
     resumed = resume(cfg, run_dir, policies, optimizers, st, dist)
