@@ -4,9 +4,11 @@ HF `generate` spends more per token on bookkeeping than a small model spends on 
 it runs the prompt n times. Here the prompt (image included) runs once at batch 1 through the HF
 model, its key/value cache is repeated to n rows, and each step feeds one token per row. For the
 Qwen2-VL / Qwen2.5-VL text stack a decode step runs as plain tensor code (LeanDecoder) that does
-exactly the ops of the HF layers, in the same order (bit-identical logits, see
+exactly the ops of the HF layers and of peft's LoRA layers, in the same order (bit-identical
+logits in float32, in bfloat16 with peft's float32 adapters, and in float16; see
 tests/test_sampling.py; a float32 CPU adapter is folded into the weights, see _linear), without
-their per-module Python; other models take the HF path. Timings: bench.py.
+their per-module Python; other models take the HF path, and decode_path says which and why.
+Timings: bench.py.
 
     python -m pytest tests/test_sampling.py -q
 """
@@ -58,6 +60,26 @@ def eos_tensor(eos, device) -> torch.Tensor:
     return torch.tensor(eos if isinstance(eos, (list, tuple)) else [eos], device=device).reshape(-1)
 
 
+def decode_path(lm, head) -> tuple[str, str]:
+    """("lean", what it runs) or ("hf layers", why not lean): the decode step `decode` takes for
+    this language model and lm_head with the active adapter, in eval mode as vlm.generate runs
+    it. Logged by train.py at start-up and printed by bench.py, so a slow path is never silent."""
+    layers = LeanDecoder._layers(lm, head, fold=False)
+    if isinstance(layers, str):
+        return "hf layers", layers
+    weight, name = head.weight, lambda dtype: str(dtype).removeprefix("torch.")
+    dtypes = {p[2].dtype for _, parts in layers for p in parts.values() if p[2] is not None}
+    if not dtypes:
+        lora = "no active LoRA adapter"
+    elif dtypes == {weight.dtype}:
+        folded = weight.dtype == torch.float32 and weight.device.type == "cpu"
+        lora = f"{name(weight.dtype)} LoRA" + (", folded into the weights" if folded else "")
+    else:
+        lora = f"{'/'.join(sorted(map(name, dtypes)))} LoRA branch, added as peft does"
+    return "lean", (f"{lm.config.model_type} in {name(weight.dtype)} on {weight.device.type}, "
+                    f"{lora}")
+
+
 def _stepper(lm, head, cache, max_new_tokens: int):
     """step(tokens [n], position) -> next logits [n, V], extending `cache` by one position."""
     lean = LeanDecoder.build(lm, head)
@@ -93,32 +115,40 @@ def sample_token(logits: torch.Tensor, temperature: float, top_p: float,
 # ---------------------------------------------------------------- the lean decode step
 def _linear(module, fold: bool):
     """(weight, bias, lora_A, lora_B, scaling) of an nn.Linear or of a peft LoRA Linear with one
-    active plain adapter (lora parts None when there is none); None if it is anything else.
-    With `fold`, a float32 adapter is folded into a transient copy of the weight: one matmul
-    instead of three plus a scale and an add."""
+    active plain adapter (lora parts None when there is none), or a string saying why not.
+    With `fold`, a float32 adapter on a float32 weight is folded into a transient copy of the
+    weight: one matmul instead of three plus a scale and an add."""
     from peft.tuners.lora import LoraLayer
     if isinstance(module, torch.nn.Linear) and not isinstance(module, LoraLayer):
         return module.weight, module.bias, None, None, None
     if not isinstance(module, LoraLayer) or not isinstance(module.base_layer, torch.nn.Linear):
-        return None
+        return f"{type(module).__name__} is not a Linear or a peft LoRA Linear"
     base, names = module.base_layer, module.active_adapters
     if module.disable_adapters:
         return base.weight, base.bias, None, None, None
     if module.merged or len(names) != 1 or names[0] in module.lora_variant:
-        return None
+        return "a merged, multiple or variant (DoRA, ...) LoRA adapter"
     a, b = module.lora_A[names[0]], module.lora_B[names[0]]
-    if a.bias is not None or b.bias is not None or a.weight.dtype != base.weight.dtype:
-        return None
+    if a.bias is not None or b.bias is not None:
+        return "a LoRA adapter with a bias"
+    if a.weight.dtype != b.weight.dtype or (a.weight.dtype != base.weight.dtype and not getattr(
+            module, "cast_input_dtype_enabled", True)):
+        return "LoRA weights whose dtypes peft itself does not reconcile"
     scaling = module.scaling[names[0]]
-    if fold and base.weight.dtype == torch.float32:
+    if fold and base.weight.dtype == a.weight.dtype == torch.float32:
         return torch.addmm(base.weight, b.weight, a.weight, alpha=scaling), base.bias, *[None] * 3
     return base.weight, base.bias, a.weight, b.weight, scaling
 
 
 def _apply(x, parts):
     weight, bias, lora_a, lora_b, scaling = parts
-    y = F.linear(x, weight, bias)  # peft: base(x) + lora_B(lora_A(x)) * scaling (eval: no dropout)
-    return y if lora_a is None else y + F.linear(F.linear(x, lora_a), lora_b) * scaling
+    y = F.linear(x, weight, bias)
+    if lora_a is None:
+        return y
+    # peft's LoRA Linear.forward (eval, so no dropout): x cast to the adapter's dtype, the branch
+    # computed and scaled in it, added to the base result (a bfloat16 + float32 sum promotes to
+    # float32), then the sum rounded to the base result's dtype. Same dtypes: the casts are no-ops.
+    return (y + F.linear(F.linear(x.to(lora_a.dtype), lora_a), lora_b) * scaling).to(y.dtype)
 
 
 def _rms(x, norm):
@@ -161,28 +191,44 @@ class LeanDecoder:
 
     @classmethod
     def build(cls, lm, head, fold: bool | None = None) -> "LeanDecoder | None":
-        """None when the model is not one this class mirrors. `fold` (default: float32 on the
-        CPU) folds adapters into the weights: ~7% of a CPU training step, for float32 rounding
-        in the logits (~1e-6) and a copy of the adapted weights while sampling. Never in 16-bit,
-        where rounding W + s*B@A to 8 mantissa bits would wash a small adapter out."""
-        cfg = lm.config
-        if (cfg.model_type not in LEAN_TEXT_MODELS or cfg.hidden_act != "silu"
-                or cfg._attn_implementation != "sdpa"  # the kernel whose result we reproduce
-                or getattr(cfg, "use_sliding_window", False) or lm.training
-                or lm.rotary_emb.rope_type != "default" or not isinstance(head, torch.nn.Linear)):
+        """None when the model is not one this class mirrors (decode_path says why) or is in
+        training mode. `fold` (default: float32 on the CPU) folds float32 adapters into float32
+        weights: ~7% of a CPU training step, for float32 rounding in the logits (~1e-6) and a
+        copy of the adapted weights while sampling. Never in 16-bit, where rounding W + s*B@A to
+        8 mantissa bits would wash a small adapter out: there the LoRA branch runs as peft runs
+        it, in the adapter's dtype (float32 by default), and the logits stay bit-identical."""
+        if lm.training:  # dropout in the LoRA branch
             return None
-        fold = head.weight.device.type == "cpu" if fold is None else fold
+        layers = cls._layers(lm, head, head.weight.device.type == "cpu" if fold is None else fold)
+        return None if isinstance(layers, str) else cls(lm, head, layers)
+
+    @staticmethod
+    def _layers(lm, head, fold: bool) -> "list | str":
+        """[(layer, {projection: parts})], or why this model is not one the step mirrors."""
+        cfg = lm.config
+        checks = (
+            (cfg.model_type in LEAN_TEXT_MODELS, f"model type {cfg.model_type!r} is not one of "
+                                                 f"{', '.join(LEAN_TEXT_MODELS)}"),
+            (cfg.hidden_act == "silu", f"activation {cfg.hidden_act!r} is not silu"),
+            # sdpa is the kernel whose result we reproduce
+            (cfg._attn_implementation == "sdpa", f"attention {cfg._attn_implementation!r} is not sdpa"),
+            (not getattr(cfg, "use_sliding_window", False), "sliding-window attention"),
+            (lm.rotary_emb.rope_type == "default", f"rope type {lm.rotary_emb.rope_type!r}"),
+            (isinstance(head, torch.nn.Linear), f"lm_head is a {type(head).__name__}"))
+        for ok, why in checks:
+            if not ok:
+                return why
         layers = []
-        for layer in lm.layers:
-            attn, mlp = layer.self_attn, layer.mlp
-            parts = {name: _linear(getattr(attn, name), fold)
+        for i, layer in enumerate(lm.layers):
+            parts = {name: _linear(getattr(layer.self_attn, name), fold)
                      for name in ("q_proj", "k_proj", "v_proj", "o_proj")}
-            parts.update({name: _linear(getattr(mlp, name), fold)
+            parts.update({name: _linear(getattr(layer.mlp, name), fold)
                           for name in ("gate_proj", "up_proj", "down_proj")})
-            if any(p is None for p in parts.values()):
-                return None
+            for name, p in parts.items():
+                if isinstance(p, str):
+                    return f"layer {i} {name}: {p}"
             layers.append((layer, parts))
-        return cls(lm, head, layers)
+        return layers
 
     def step(self, tok: torch.Tensor, position: int, kv: list) -> torch.Tensor:
         x = self.lm.embed_tokens(tok[:, None])

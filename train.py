@@ -30,7 +30,8 @@ from distributed import Dist
 from errors import TrainingError, UserError
 from logs import append_log, log_wandb, start_wandb
 from runtime import keep_freed_memory, rng_state, seed_all, set_rng_state
-from vlm import (ROLES, Policy, Prompt, Rollout, acting, build_policies, completion_logits,
+from sampling import decode_path
+from vlm import (ROLES, Policy, Prompt, Rollout, _core, acting, build_policies, completion_logits,
                  generate, image_sizing, kl_per_token, make_prompt, reference_logprobs,
                  step_embedder, token_logprobs)
 
@@ -326,6 +327,10 @@ def run_training(cfg: Config, dist: Dist) -> int:
     os.makedirs(run_dir, exist_ok=True)
     seed_all(cfg.seed)  # identical LoRA init on every rank
     policies, optimizers = build_models(cfg, pool)
+    if dist.is_main:  # which decode step sampling runs, and why: a slow path must not be silent
+        for role, p in policies.items():
+            log.info("%s decode path: %s (%s)", role,
+                     *decode_path(_core(p.model).language_model, p.model.get_output_embeddings()))
     st = TrainState(kl_coef={r: cfg.kl_coef for r in ROLES})
     seed_all(cfg.seed + dist.rank)  # different samples on every rank
     resumed = resume(cfg, run_dir, policies, optimizers, st, dist)

@@ -8,15 +8,15 @@ from PIL import Image
 from transformers.generation.logits_process import TopPLogitsWarper
 
 import sampling
+import tiny
 import vlm
 from config import Config
 from data_and_utils import solver_prompt
 
 
-@pytest.fixture(scope="module")
-def solver(tiny_model):
-    cfg = Config(solver_model=tiny_model, proposer_model=tiny_model, use_lora_solver=True,
-                 use_lora_proposer=True, dtype="float32", device_map="cpu")
+def _policy(model_dir: str, dtype: str):
+    cfg = Config(solver_model=model_dir, proposer_model=model_dir, use_lora_solver=True,
+                 use_lora_proposer=True, dtype=dtype, device_map="cpu")
     torch.manual_seed(0)
     policy = vlm.build_policies(cfg)["solver"]
     with torch.no_grad():  # a non-zero adapter, so the LoRA terms are exercised
@@ -28,15 +28,36 @@ def solver(tiny_model):
     return policy, prompt
 
 
-@pytest.mark.parametrize("fold", [False, True])
-def test_lean_decode_step_reproduces_hf_layers(solver, fold):
-    """Op for op the HF layers' result, bit for bit; with the adapter folded into the weights,
-    up to float32 rounding."""
-    policy, prompt = solver
-    p, n = prompt.inputs, 3
+@pytest.fixture(scope="module")
+def solver(tiny_model):
+    return _policy(tiny_model, "float32")
+
+
+def _lm_and_head(model):
+    return vlm._core(model).language_model, model.get_output_embeddings()
+
+
+# float16 only where this CPU has float16 matmuls (older torch CPU builds lack them).
+try:
+    torch.ones(2, 2, dtype=torch.float16) @ torch.ones(2, 2, dtype=torch.float16)
+    HALF = ["float16"]
+except RuntimeError:
+    HALF = []
+
+
+@pytest.mark.parametrize("dtype,fold", [("float32", False), ("float32", True),
+                                        ("bfloat16", False)] + [(h, False) for h in HALF])
+def test_lean_decode_step_reproduces_hf_layers(tiny_model, dtype, fold):
+    """Op for op the HF and peft layers' result, bit for bit, over 32 steps; with the adapter
+    folded into the weights, up to float32 rounding. In 16-bit, peft keeps the adapter in
+    float32 (its default upcast), so this also checks the mixed-dtype LoRA branch."""
+    policy, prompt = _policy(tiny_model, dtype)
+    p, n, steps = prompt.inputs, 3, 32
     with torch.no_grad(), vlm.acting(policy) as model:
         model.eval()
         core, head = vlm._core(model), model.get_output_embeddings()
+        lora = {q.dtype for name, q in model.named_parameters() if "lora_" in name}
+        assert head.weight.dtype == getattr(torch, dtype) and lora == {torch.float32}
         lean = sampling.LeanDecoder.build(core.language_model, head, fold=fold)
         assert lean is not None
         pos, _ = core.get_rope_index(p["input_ids"], p["mm_token_type_ids"],
@@ -46,9 +67,9 @@ def test_lean_decode_step_reproduces_hf_layers(solver, fold):
                    position_ids=pos, **vlm._mm_kwargs(prompt, 1), use_cache=True)
         cache = out.cache
         cache.batch_repeat_interleave(n)
-        kv = [sampling.KVBuffer(layer.keys, layer.values, 8) for layer in cache.layers]
+        kv = [sampling.KVBuffer(layer.keys, layer.values, steps + 1) for layer in cache.layers]
         start = int(pos.max()) + 1
-        for step in range(8):
+        for step in range(steps):
             gen = torch.Generator().manual_seed(step)
             tok = torch.randint(0, head.out_features, (n,), generator=gen)
             ours = lean.step(tok, start + step, kv)
@@ -56,10 +77,44 @@ def test_lean_decode_step_reproduces_hf_layers(solver, fold):
             hf = core.language_model(input_ids=tok[:, None], position_ids=ids, cache=cache,
                                      use_cache=True).last_hidden_state
             expected = head(hf)[:, -1]
+            assert ours.dtype == expected.dtype
             if fold:
                 assert torch.allclose(ours, expected, atol=1e-5, rtol=0), f"step {step}"
             else:
                 assert torch.equal(ours, expected), f"step {step}"
+        # The test can fail: an adapter dropped from the step changes the logits.
+        with model.disable_adapter():
+            assert not torch.equal(head(core.language_model(
+                input_ids=tok[:, None], position_ids=ids + 1, cache=cache,
+                use_cache=True).last_hidden_state)[:, -1], lean.step(tok, start + steps, kv))
+
+
+@pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def family(request, tmp_path_factory):
+    if request.param == "qwen2_5_vl":
+        return request.param, request.getfixturevalue("tiny_model")
+    path = str(tmp_path_factory.mktemp("sampling-families") / request.param)
+    return request.param, tiny.build_tiny_model(path, family=request.param)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_decode_path_is_lean_for_qwen2_and_qwen2_5_vl(family, dtype):
+    """Fails if the lean step silently stops being used (a transformers or peft upgrade that
+    renames a module, a new adapter dtype, ...): the reason is in the assertion message."""
+    name, model_dir = family
+    cfg = Config(solver_model=model_dir, proposer_model=model_dir, use_lora_solver=True,
+                 use_lora_proposer=True, dtype=dtype, device_map="cpu")
+    policy = vlm.build_policies(cfg)["solver"]
+    with vlm.acting(policy) as model:
+        model.eval()
+        lm, head = _lm_and_head(model)
+        path, why = sampling.decode_path(lm, head)
+        built = sampling.LeanDecoder.build(lm, head)
+    if name == "qwen3_vl":  # not mirrored (q/k norms, different rope): HF layers, with a reason
+        assert path == "hf layers" and "qwen3_vl_text" in why and built is None
+    else:
+        assert path == "lean" and built is not None, why
+        assert dtype in why and ("added as peft does" in why) == (dtype == "bfloat16"), why
 
 
 def test_greedy_decode_matches_hf_generate(solver):
