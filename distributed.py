@@ -66,16 +66,16 @@ class Dist:
     def close(self, wait: bool = True) -> None:
         """Meet every rank at a barrier (wait=True), then destroy the process group.
 
-        Why this must run before the process exits: gloo runs each collective on a worker thread,
-        which completes the collective (waking the caller) and only then drops its reference to
-        the collective's tensors. Those tensors were made in Python, so freeing them needs the
-        GIL. If the caller returns from its last collective and Python starts to finalize first,
-        the worker thread asking for the GIL is made to exit by pthread_exit, whose unwinding
-        through a noexcept destructor calls std::terminate: "terminate called without an active
-        exception" (SIGABRT) at exit after a complete run. A busy CPU widens the window, so it hit
-        the 2-core test suite often. destroy_process_group joins those threads while the
-        interpreter is alive. The barrier first lets every rank finish its collectives, so no
-        rank tears down its connections while a peer still waits on one.
+        Why this must run before the process exits: without it the gloo group is never
+        destroyed, so its native threads (one per collective worker, plus the transport loop)
+        are still running, and may still hold the last collective's tensors, while Python
+        finalizes and C++ statics are torn down. "terminate called without an active exception"
+        (SIGABRT) after a complete run is that teardown: a native thread destroyed while
+        joinable, or forced out by pthread_exit when it asks a finalizing interpreter for the
+        GIL. It races with the peer's exit and with the scheduler, so it hit the busy 2-core
+        test suite in most runs and a quiet standalone run rarely. destroy_process_group joins
+        those threads while the interpreter is alive. The barrier first lets every rank finish
+        its collectives, so no rank closes its connections while a peer still waits on one.
 
         wait=False is for an exception only this rank may have raised: its peers may be inside
         another collective, which a barrier would pair with and hang on until the timeout;
