@@ -61,7 +61,7 @@ def decode_path(lm, head) -> tuple[str, str]:
     this language model and lm_head with the active adapter, in eval mode as vlm.generate runs
     it. Logged by train.py at start-up and printed by bench.py, so a slow path is never silent."""
     if not LEAN_DECODE:
-        return "hf layers", "the lean step is switched off (sampling.LEAN_DECODE)"
+        return "hf layers", "switched off: sampling.LEAN_DECODE is False (bench.py --decode hf)"
     layers = LeanDecoder._layers(lm, head, fold=False)
     if isinstance(layers, str):
         return "hf layers", layers
