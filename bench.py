@@ -3,6 +3,7 @@
     python bench.py                                      # tiny defaults, CPU, float32
     python bench.py --steps 3 --json runs/bench.json
     python bench.py --preset 3b --device cuda --dtype bfloat16   # Qwen2.5-VL-3B shapes, on a GPU
+    python bench.py --dtype bfloat16 --decode hf --baseline_steps 0  # HF-layer decode step
 
 Our step is train.train_step itself (rollout -> rewards -> updates); its phases are timed by the
 phase timer train_step takes. The yardstick re-creates the published reference's step
@@ -11,7 +12,8 @@ full-vocabulary log-softmax, image re-encoded every forward, N backward passes a
 It runs at our thread count and at torch's default (the published reference never set it), and
 the speed-up over each is printed. Random weights rarely emit eos, so every completion runs to
 max_new_tokens. Figures are medians after one warm-up step, with CPU seconds beside wall seconds
-because other processes on a shared machine inflate wall time.
+because other processes on a shared machine inflate wall time. The decode step sampling takes
+(lean or HF layers, sampling.decode_path) is printed with its reason before the steps.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 import rewards
+import sampling
 import tiny
 import train
 from config import Config
@@ -36,7 +39,7 @@ from data_and_utils import ImagePool, extract_question, proposer_prompt, solver_
 from distributed import Dist
 from runtime import keep_freed_memory, seed_all
 from sampling import eos_tensor
-from vlm import ROLES, acting, chat_text, reference, step_embedder, suppressed_ids
+from vlm import ROLES, _core, acting, chat_text, reference, step_embedder, suppressed_ids
 
 # The seed repository's target list; mm_projector matches no language-model Linear (a warning).
 SEED_LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,mm_projector"
@@ -75,6 +78,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--update_micro_batch", type=int, default=0)
     p.add_argument("--gradient_checkpointing", action="store_true")
     p.add_argument("--attn_implementation", default="sdpa")
+    p.add_argument("--decode", choices=("auto", "hf"), default="auto",
+                   help="decode step: 'auto' (the lean step where sampling.decode_path allows it) "
+                        "or 'hf' (force the HF layers, to measure what the lean step is worth)")
     p.add_argument("--runs", default="runs", help="cache folder for the model and images")
     p.add_argument("--json", default="", help="also write the figures to this JSON file")
     args = p.parse_args(argv)
@@ -316,6 +322,13 @@ def run_baselines(cfg, args, policies, optimizers, pool, st, ours: dict, memory:
     return results
 
 
+def decode_path(args, model) -> tuple[str, str]:
+    """sampling.decode_path for the solver (the proposer shares its model and LoRA config),
+    after --decode switches the lean step on or off for this process."""
+    sampling.LEAN_DECODE = args.decode == "auto"
+    return sampling.decode_path(_core(model).language_model, model.get_output_embeddings())
+
+
 def busy(device: str, *runs: dict) -> bool:
     """True when a measured CPU step's wall time exceeds its CPU time per thread by 15%: this
     process was waiting for a core, not computing. (On a GPU the CPU waits for the device.)"""
@@ -343,13 +356,15 @@ def main(argv=None) -> dict:
     print(f"bench: {model_dir} on {args.device}/{args.dtype}, {_threads(torch.get_num_threads())}, "
           f"N={cfg.num_solver_samples}, {cfg.max_new_tokens_proposer}+{cfg.num_solver_samples}x"
           f"{cfg.max_new_tokens_solver} new tokens, LoRA r{cfg.lora_r}, exact KL", flush=True)
+    path = decode_path(args, policies["solver"].model)
+    print(f"decode path: {path[0]} ({path[1]})", flush=True)
     load = [os.getloadavg()[0]]
     records = run_ours(cfg, args, policies, optimizers, pool, st, dist, stop)
     ours = summarize(records)
     ours.update(threads=torch.get_num_threads(), peak_memory_mib=peak_memory_mib(args.device))
     memory = "peak " + ("CUDA allocated" if args.device == "cuda" else "RSS")
     print_summary("ours", ours, f"{memory} {ours['peak_memory_mib']:.0f} MiB")
-    result = {"args": vars(args), "ours": ours, "ours_steps": records}
+    result = {"args": vars(args), "decode_path": path, "ours": ours, "ours_steps": records}
     if args.baseline_steps:
         result["reference"] = run_baselines(cfg, args, policies, optimizers, pool, st, ours,
                                             memory)

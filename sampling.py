@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 LEAN_TEXT_MODELS = ("qwen2_vl_text", "qwen2_5_vl_text")
+LEAN_DECODE = True  # False: always the HF layers (bench.py --decode hf times what lean is worth)
 
 
 @torch.no_grad()
@@ -64,6 +65,8 @@ def decode_path(lm, head) -> tuple[str, str]:
     """("lean", what it runs) or ("hf layers", why not lean): the decode step `decode` takes for
     this language model and lm_head with the active adapter, in eval mode as vlm.generate runs
     it. Logged by train.py at start-up and printed by bench.py, so a slow path is never silent."""
+    if not LEAN_DECODE:
+        return "hf layers", "switched off: sampling.LEAN_DECODE is False (bench.py --decode hf)"
     layers = LeanDecoder._layers(lm, head, fold=False)
     if isinstance(layers, str):
         return "hf layers", layers
@@ -82,7 +85,7 @@ def decode_path(lm, head) -> tuple[str, str]:
 
 def _stepper(lm, head, cache, max_new_tokens: int):
     """step(tokens [n], position) -> next logits [n, V], extending `cache` by one position."""
-    lean = LeanDecoder.build(lm, head)
+    lean = LeanDecoder.build(lm, head) if LEAN_DECODE else None
     if lean is not None:
         kv = [KVBuffer(layer.keys, layer.values, max_new_tokens) for layer in cache.layers]
         return lambda tok, position: lean.step(tok, position, kv)
@@ -206,12 +209,12 @@ class LeanDecoder:
     def _layers(lm, head, fold: bool) -> "list | str":
         """[(layer, {projection: parts})], or why this model is not one the step mirrors."""
         cfg = lm.config
+        if cfg.model_type not in LEAN_TEXT_MODELS:  # before reading attributes others may lack
+            return f"model type {cfg.model_type!r} is not one of {', '.join(LEAN_TEXT_MODELS)}"
+        attention = cfg._attn_implementation
         checks = (
-            (cfg.model_type in LEAN_TEXT_MODELS, f"model type {cfg.model_type!r} is not one of "
-                                                 f"{', '.join(LEAN_TEXT_MODELS)}"),
             (cfg.hidden_act == "silu", f"activation {cfg.hidden_act!r} is not silu"),
-            # sdpa is the kernel whose result we reproduce
-            (cfg._attn_implementation == "sdpa", f"attention {cfg._attn_implementation!r} is not sdpa"),
+            (attention == "sdpa", f"attention {attention!r}: sdpa's result is the one reproduced"),
             (not getattr(cfg, "use_sliding_window", False), "sliding-window attention"),
             (lm.rotary_emb.rope_type == "default", f"rope type {lm.rotary_emb.rope_type!r}"),
             (isinstance(head, torch.nn.Linear), f"lm_head is a {type(head).__name__}"))

@@ -1,4 +1,5 @@
-"""sampling.py: our decode loop against HF's model and HF's sampling rules, on the tiny Qwen2.5-VL.
+"""sampling.py: our decode loop against HF's model and HF's sampling rules on the tiny Qwen2.5-VL
+(float32, bfloat16, float16), and which decode path each tiny Qwen-VL generation takes.
 
     python -m pytest tests/test_sampling.py -q
 """
