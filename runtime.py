@@ -22,7 +22,8 @@ def seed_all(seed: int) -> None:
 
 
 def rng_state() -> dict:
-    """Every generator a step draws from: saved so a resumed run samples what an unbroken one would."""
+    """Every generator a step draws from: saved per rank, so a resumed run samples what an
+    unbroken one would."""
     return {"python": random.getstate(), "numpy": np.random.get_state(),
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}

@@ -26,9 +26,11 @@ sys.path.insert(0, ROOT)
 
 import checkpoint as ckpt  # noqa: E402
 import train  # noqa: E402
-from config import parse_config  # noqa: E402
+from config import Config, parse_config  # noqa: E402
 from conftest import ENV, train_args  # noqa: E402
 from distributed import Dist  # noqa: E402
+from errors import UserError  # noqa: E402
+from vlm import build_policies  # noqa: E402
 
 # Long Solver answers make step 3's rollout long enough to be hit by a signal reliably.
 LONG = {"max_new_tokens_solver": 128}
@@ -383,6 +385,20 @@ def test_resume_from_older_checkpoint_after_corruption(tiny_model, image_dir, re
     aside = [n for n in os.listdir(run_dir) if n.startswith("step_00004.superseded-")]
     assert len(aside) == 1  # the corrupted one is kept for inspection, out of the way
 
+
+
+def test_adapter_of_another_shape_is_a_mismatch_not_damage(tiny_model, tmp_path):
+    """A rank-4 checkpoint loaded into rank-8 adapters: the files are fine, the model differs,
+    so the message must not send the user to an older checkpoint of the same run."""
+    def policies(rank):
+        return build_policies(Config(solver_model=tiny_model, proposer_model=tiny_model,
+                                     use_lora_solver=True, use_lora_proposer=True,
+                                     dtype="float32", device_map="cpu", lora_r=rank))
+    path = ckpt.save_checkpoint(str(tmp_path), 1, policies(4), {"step": 1}, keep=2)
+    with pytest.raises(UserError) as e:
+        ckpt.load_checkpoint(path, policies(8))
+    assert "solver/ does not fit this model" in str(e.value)
+    assert "--resume_from" not in str(e.value)
 
 # ---------------------------------------------------------------- non-finite updates
 def nan_logits_on(calls: set):

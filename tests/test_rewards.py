@@ -12,8 +12,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from rewards import (answer_entropy, majority, majority_group, mix_rewards, outcome_rewards,  # noqa: E402
-                     proposer_reward, step_agreement_rewards, step_reward_weight,
+from rewards import (answer_entropy, majority, majority_group, mix_rewards,  # noqa: E402
+                     outcome_rewards, proposer_reward, step_agreement_rewards, step_reward_weight,
                      update_ema_baseline, update_kl_coef)
 
 approx = pytest.approx
@@ -114,8 +114,8 @@ def t(*rows):
 def test_step_agreement_orthogonal_pair_with_density():
     answers = ["a", "a", "b"]
     embs = [t([1, 0]), t([0, 1]), t([1, 0])]
-    r, info = step_agreement_rewards(majority_group(answers), embs, min_group_size=2, density_gamma=0.7,
-                                     position_decay=0.15, sim_temperature=1.0)
+    r, info = step_agreement_rewards(majority_group(answers), embs, min_group_size=2,
+                                     density_gamma=0.7, position_decay=0.15, sim_temperature=1.0)
     # centre = (1,1)/sqrt2, cos = 0.707107, u = 0.853553; density = (2/3)**0.7 = 0.752898
     assert r == approx([0.642639, 0.642639, 0.0], abs=1e-6)
     assert info == approx({"group_size": 2, "positions_used": 1, "mean_cos": 0.707107,
@@ -124,7 +124,8 @@ def test_step_agreement_orthogonal_pair_with_density():
 
 def test_step_agreement_tanh_temperature():
     embs = [t([1, 0]), t([0, 1]), t([1, 0])]
-    r, info = step_agreement_rewards(majority_group(["a", "a", "b"]), embs, 2, 0.7, 0.15, sim_temperature=0.5)
+    r, info = step_agreement_rewards(majority_group(["a", "a", "b"]), embs, 2, 0.7, 0.15,
+                                     sim_temperature=0.5)
     # tanh(0.707107/0.5) = tanh(1.414214) = 0.888386 -> u = 0.944193; * 0.752898
     assert r == approx([0.710881, 0.710881, 0.0], abs=1e-6)
     assert info["mean_cos"] == approx(0.707107, abs=1e-6)  # raw cosine, before tanh
@@ -147,7 +148,8 @@ def test_step_agreement_position_decay_and_member_without_steps():
 
 def test_step_agreement_no_decay_weights_positions_equally():
     embs = [t([1, 0], [1, 0]), t([1, 0], [0, 1])]
-    r, _ = step_agreement_rewards(majority_group(["x", "x"]), embs, 2, 0.7, position_decay=0.0, sim_temperature=1.0)
+    r, _ = step_agreement_rewards(majority_group(["x", "x"]), embs, 2, 0.7, position_decay=0.0,
+                                  sim_temperature=1.0)
     assert r == approx([0.926777, 0.926777], abs=1e-6)  # (1 + 0.853553) / 2
 
 
@@ -160,10 +162,12 @@ def test_step_agreement_group_too_small():
 
 def test_step_agreement_opposite_steps_and_zero_vectors_are_finite():
     # Opposite steps: centre is the zero vector -> cos 0, u = 0.5 for both (no NaN).
-    r, info = step_agreement_rewards(majority_group(["x", "x"]), [t([1, 0]), t([-1, 0])], 2, 0.7, 0.15, 1.0)
+    r, info = step_agreement_rewards(majority_group(["x", "x"]), [t([1, 0]), t([-1, 0])],
+                                     2, 0.7, 0.15, 1.0)
     assert r == [0.5, 0.5] and info["mean_cos"] == 0.0
     # A zero embedding: centre = (1, 0); cos 0 -> 0.5, cos 1 -> 1.0.
-    r, _ = step_agreement_rewards(majority_group(["x", "x"]), [t([0, 0]), t([3, 0])], 2, 0.7, 0.15, 1.0)
+    r, _ = step_agreement_rewards(majority_group(["x", "x"]), [t([0, 0]), t([3, 0])],
+                                  2, 0.7, 0.15, 1.0)
     assert r == [0.5, 1.0]
 
 
