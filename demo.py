@@ -29,7 +29,7 @@ from tiny import COLORS, build_tiny_model
 
 QUESTION = "What color is the shape?"
 SHAPES = ("circle", "square", "triangle")
-IMAGE_SIZE = 56            # 56 x 56 = the processor's minimum: 4 image tokens, fast on a CPU
+IMAGE_SIZE = 168           # 36 image tokens: enough for the colour to be found quickly
 MAX_PIXELS = IMAGE_SIZE * IMAGE_SIZE
 RADIUS = (0.3, 0.45)  # of the image side: the shape covers much of it
 BUILD_VERSION = 1          # bump when the warm start below changes in a way the key cannot see
@@ -38,10 +38,12 @@ BUILD_VERSION = 1          # bump when the warm start below changes in a way the
 @dataclass
 class WarmStart:
     """The supervised warm start. Its fields (and the prompts) key the model cache."""
-    steps: int = 150           # optimizer steps
-    batch: int = 16            # solver examples per step (plus a few proposer examples)
-    lr: float = 1e-3
-    label_noise: float = 0.55  # share of targets whose colour is replaced by a random one
+    clean_steps: int = 70      # optimizer steps on true labels: it learns to see the colour
+    noisy_steps: int = 30      # then steps on noisy labels, at noisy_lr: it learns to doubt
+    batch: int = 8             # solver examples per step (plus two proposer examples)
+    lr: float = 3e-3
+    noisy_lr: float = 1e-3
+    label_noise: float = 0.6   # share of noisy targets whose colour is replaced by a random one
     seed: int = 0
 
 
@@ -154,13 +156,13 @@ def _loss(model, inputs: dict, labels: torch.Tensor) -> torch.Tensor:
                                              labels.reshape(-1), ignore_index=-100)
 
 
-def _examples(rng: random.Random, ws: WarmStart, exclude: set, n: int) -> list:
+def _examples(rng: random.Random, noise: float, exclude: set, n: int) -> list:
     out = []
     while len(out) < n:
         img, color, shape = draw_scene(rng)
         if image_key(img) in exclude:  # never train on a demo training or evaluation image
             continue
-        if rng.random() < ws.label_noise:
+        if rng.random() < noise:
             color = rng.choice(sorted(COLORS))
         out.append((img, solver_prompt(QUESTION), solver_target(color, shape)))
     return out
@@ -176,8 +178,13 @@ def warm_start(base_dir: str, out_dir: str, ws: WarmStart, exclude: set) -> None
     opt = torch.optim.AdamW(model.parameters(), lr=ws.lr, weight_decay=0.0)
     model.train()
     t0 = time.time()
-    for step in range(1, ws.steps + 1):
-        examples = _examples(rng, ws, exclude, ws.batch)
+    steps = ws.clean_steps + ws.noisy_steps
+    for step in range(1, steps + 1):
+        noise = ws.label_noise if step > ws.clean_steps else 0.0
+        if step == ws.clean_steps + 1:
+            for group in opt.param_groups:
+                group["lr"] = ws.noisy_lr
+        examples = _examples(rng, noise, exclude, ws.batch)
         # The Proposer's question needs little: a few examples per step.
         examples += [(draw_scene(rng)[0], proposer_prompt(), PROPOSER_TARGET) for _ in range(2)]
         loss = _loss(model, *_batch(processor, examples))
@@ -185,8 +192,8 @@ def warm_start(base_dir: str, out_dir: str, ws: WarmStart, exclude: set) -> None
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        if step % 25 == 0 or step == ws.steps:
-            print(f"warm start: step {step}/{ws.steps} loss {loss.item():.3f} "
+        if step % 20 == 0 or step == steps:
+            print(f"warm start: step {step}/{steps} loss {loss.item():.3f} "
                   f"({time.time() - t0:.0f}s)", flush=True)
     model.eval()
     # Explicit sampling settings: plain softmax sampling, whatever the library defaults are.
@@ -220,7 +227,8 @@ class DemoRun:
     """The self-training run: flags chosen so the tiny model learns in a few CPU minutes."""
     steps: int = 48
     seed: int = 42
-    lr: float = 2e-3
+    lr: float = 5e-4
+    kl_coef: float = 0.01
     samples: int = 5
     max_new_tokens: int = 32
     eval_seed: int = 0
@@ -234,7 +242,8 @@ def train_args(paths: dict, root: str, name: str, run: DemoRun) -> list[str]:
              "save_every": max(1, run.steps // 4), "seed": run.seed, "lr": run.lr,
              "num_solver_samples": run.samples, "max_new_tokens_solver": run.max_new_tokens,
              "max_new_tokens_proposer": 32, "max_pixels": MAX_PIXELS, "baseline": "group",
-             "proposer_update_freq": 4, "lora_dropout": 0.0}
+             "proposer_update_freq": 4, "lora_dropout": 0.0,
+             "kl_coef": run.kl_coef, "kl_adapt_rate": 0.0}
     args = ["--use_lora_solver", "--use_lora_proposer"]
     for key, value in flags.items():
         args += [f"--{key}", str(value)]
