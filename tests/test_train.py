@@ -188,11 +188,11 @@ def test_missing_data_dir_is_one_line_exit_2(tmp_path):
 
 
 @pytest.mark.slow
-def test_run_py_demo_completes_and_resumes(tmp_path):
-    first = run_cli([], cwd=str(tmp_path), script="run.py")
+def test_run_py_smoke_completes_and_resumes(tmp_path):
+    first = run_cli(["smoke"], cwd=str(tmp_path), script="run.py")
     assert first.returncode == 0, first.stderr[-3000:]
-    assert "checkpoints: runs/demo" in first.stdout
-    second = run_cli([], cwd=str(tmp_path), script="run.py")
+    assert "checkpoints: runs/smoke" in first.stdout
+    second = run_cli(["smoke"], cwd=str(tmp_path), script="run.py")
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resuming" in second.stdout
-    assert [r["step"] for r in read_log(tmp_path / "runs" / "demo")] == list(range(1, 9))
+    assert [r["step"] for r in read_log(tmp_path / "runs" / "smoke")] == list(range(1, 9))

@@ -1,0 +1,298 @@
+"""The learning demo's toy task and its warm-started tiny Solver/Proposer.
+
+Task: "What color is the shape?" on small generated images (one circle, square or triangle in
+red, green, blue or yellow on white). A short supervised warm start of a tiny random Qwen2.5-VL
+teaches it the answer format and the Proposer's question, but with label noise: the Solver ends
+right only about half the time, with the right colour still its most likely answer. Majority
+self-consistency on unlabeled images can then sharpen it toward its own majority, which is mostly
+the truth. Nothing after the warm start sees a label.
+
+    python demo.py runs          # build (or reuse) the warm-started model and the demo data
+    python run.py                # the whole demo: eval, train, eval, table, curves
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from PIL import Image, ImageDraw
+
+from data_and_utils import proposer_prompt, solver_prompt
+from tiny import COLORS, build_tiny_model
+
+QUESTION = "What color is the shape?"
+SHAPES = ("circle", "square", "triangle")
+IMAGE_SIZE = 168           # 36 image tokens: enough for the colour to be found quickly
+MAX_PIXELS = IMAGE_SIZE * IMAGE_SIZE
+RADIUS = (0.3, 0.45)  # of the image side: the shape covers much of it
+BUILD_VERSION = 1          # bump when the warm start below changes in a way the key cannot see
+
+
+@dataclass
+class WarmStart:
+    """The supervised warm start. Its fields (and the prompts) key the model cache."""
+    clean_steps: int = 70      # optimizer steps on true labels: it learns to see the colour
+    noisy_steps: int = 30      # then steps on noisy labels, at noisy_lr: it learns to doubt
+    batch: int = 8             # solver examples per step (plus two proposer examples)
+    lr: float = 3e-3
+    noisy_lr: float = 1e-3
+    label_noise: float = 0.6   # share of noisy targets whose colour is replaced by a random one
+    seed: int = 0
+
+
+# ---------------------------------------------------------------- images and data
+def draw_scene(rng: random.Random, size: int = 0) -> tuple[Image.Image, str, str]:
+    """One coloured shape on white: (image, colour, shape)."""
+    size = size or IMAGE_SIZE
+    color, shape = rng.choice(sorted(COLORS)), rng.choice(SHAPES)
+    img = Image.new("RGB", (size, size), (255, 255, 255))
+    draw = ImageDraw.Draw(img)
+    r = rng.randint(int(size * RADIUS[0]), int(size * RADIUS[1]))
+    x, y = rng.randint(r, size - r), rng.randint(r, size - r)
+    fill = COLORS[color]
+    if shape == "square":
+        draw.rectangle([x - r, y - r, x + r, y + r], fill=fill)
+    elif shape == "triangle":
+        draw.polygon([(x, y - r), (x - r, y + r), (x + r, y + r)], fill=fill)
+    else:
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=fill)
+    return img, color, shape
+
+
+def image_key(img: Image.Image) -> str:
+    return hashlib.sha1(img.tobytes()).hexdigest()
+
+
+def make_task_data(root: str, n_unlabeled: int = 256, n_eval: int = 64, seed: int = 1) -> dict:
+    """Unlabeled training images (root/unlabeled/shapes/) and a labeled held-out set
+    (root/eval/eval.jsonl), disjoint by content. Returns their paths and image keys."""
+    paths = {"unlabeled": os.path.join(root, "unlabeled"),
+             "eval": os.path.join(root, "eval", "eval.jsonl")}
+    done = os.path.join(root, "DATA_OK")
+    if not os.path.exists(done):
+        tmp = root.rstrip("/") + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(os.path.join(tmp, "unlabeled", "shapes"))
+        os.makedirs(os.path.join(tmp, "eval", "images"))
+        rng, seen, keys = random.Random(seed), set(), []
+        rows = []
+        while len(keys) < n_unlabeled + n_eval:
+            img, color, _ = draw_scene(rng)
+            key = image_key(img)
+            if key in seen:
+                continue
+            seen.add(key)
+            keys.append(key)
+            i = len(keys) - 1
+            if i < n_unlabeled:  # no label is written for these
+                img.save(os.path.join(tmp, "unlabeled", "shapes", f"img_{i:04d}.png"))
+            else:
+                name = f"images/eval_{i - n_unlabeled:04d}.png"
+                img.save(os.path.join(tmp, "eval", name))
+                rows.append({"image": name, "question": QUESTION, "answer": color})
+        with open(os.path.join(tmp, "eval", "eval.jsonl"), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+        with open(os.path.join(tmp, "keys.json"), "w") as f:
+            json.dump(keys, f)
+        with open(os.path.join(tmp, "DATA_OK"), "w") as f:
+            f.write("ok\n")
+        shutil.rmtree(root, ignore_errors=True)
+        os.replace(tmp, root)
+    with open(os.path.join(root, "keys.json")) as f:
+        paths["keys"] = set(json.load(f))
+    return paths
+
+
+# ---------------------------------------------------------------- warm start
+def solver_target(color: str, shape: str) -> str:
+    return f"<think>Step 1: a {shape}.\nStep 2: it is {color}.</think><answer>{color}</answer>"
+
+
+PROPOSER_TARGET = (f"<question>{QUESTION}</question> "
+                   "<rationale>The answer needs the image.</rationale>")
+
+
+def cache_key(ws: WarmStart) -> str:
+    """Changes whenever a prompt text, the task or the warm-start recipe does."""
+    text = json.dumps({"solver": solver_prompt(QUESTION), "proposer": proposer_prompt(),
+                       "target": solver_target("red", "circle"), "q": PROPOSER_TARGET,
+                       "size": IMAGE_SIZE, "version": BUILD_VERSION, **asdict(ws)}, sort_keys=True)
+    return hashlib.sha1(text.encode()).hexdigest()[:10]
+
+
+def _chat(processor, prompt: str) -> str:
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def _batch(processor, examples: list[tuple[Image.Image, str, str]]) -> tuple[dict, torch.Tensor]:
+    """examples: (image, prompt, target). Inputs padded on the left, so every target ends at the
+    last position; returns them and the target ids [B, K] (-100 left of a shorter target)."""
+    tok = processor.tokenizer
+    texts = [_chat(processor, p) + t + tok.eos_token for _, p, t in examples]
+    inputs = processor(text=texts, images=[img for img, _, _ in examples], padding=True,
+                       padding_side="left", return_tensors="pt")
+    lengths = [len(tok(t + tok.eos_token, add_special_tokens=False)["input_ids"])
+               for _, _, t in examples]
+    k = max(lengths)
+    labels = inputs["input_ids"][:, -k:].clone()
+    for row, n in enumerate(lengths):
+        labels[row, :k - n] = -100
+    return inputs, labels
+
+
+def _loss(model, inputs: dict, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy on the targets; the vocabulary projection runs at target positions only."""
+    k = labels.shape[1]
+    logits = model(**inputs, logits_to_keep=k + 1).logits[:, :-1]
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                                             labels.reshape(-1), ignore_index=-100)
+
+
+def _examples(rng: random.Random, noise: float, exclude: set, n: int) -> list:
+    out = []
+    while len(out) < n:
+        img, color, shape = draw_scene(rng)
+        if image_key(img) in exclude:  # never train on a demo training or evaluation image
+            continue
+        if rng.random() < noise:
+            color = rng.choice(sorted(COLORS))
+        out.append((img, solver_prompt(QUESTION), solver_target(color, shape)))
+    return out
+
+
+def warm_start(base_dir: str, out_dir: str, ws: WarmStart, exclude: set) -> None:
+    """Full supervised fine-tune of the tiny model on noisy labels; writes out_dir atomically."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    torch.manual_seed(ws.seed)
+    rng = random.Random(ws.seed)
+    model = AutoModelForImageTextToText.from_pretrained(base_dir, dtype=torch.float32)
+    processor = AutoProcessor.from_pretrained(base_dir)
+    opt = torch.optim.AdamW(model.parameters(), lr=ws.lr, weight_decay=0.0)
+    model.train()
+    t0 = time.time()
+    steps = ws.clean_steps + ws.noisy_steps
+    for step in range(1, steps + 1):
+        noise = ws.label_noise if step > ws.clean_steps else 0.0
+        if step == ws.clean_steps + 1:
+            for group in opt.param_groups:
+                group["lr"] = ws.noisy_lr
+        examples = _examples(rng, noise, exclude, ws.batch)
+        # The Proposer's question needs little: a few examples per step.
+        examples += [(draw_scene(rng)[0], proposer_prompt(), PROPOSER_TARGET) for _ in range(2)]
+        loss = _loss(model, *_batch(processor, examples))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step % 20 == 0 or step == steps:
+            print(f"warm start: step {step}/{steps} loss {loss.item():.3f} "
+                  f"({time.time() - t0:.0f}s)", flush=True)
+    model.eval()
+    # Explicit sampling settings: plain softmax sampling, whatever the library defaults are.
+    gen = model.generation_config
+    gen.do_sample, gen.temperature, gen.top_p, gen.top_k, gen.repetition_penalty = True, 1.0, 1.0, 0, 1.0
+    tmp = out_dir.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    with open(os.path.join(tmp, "SAVE_OK"), "w") as f:
+        f.write("tiny qwen2_5_vl\n")
+    os.replace(tmp, out_dir)
+
+
+def build_demo(root: str = "runs", ws: WarmStart | None = None) -> dict:
+    """Data and the warm-started model under root/, reused while the prompts and the recipe are
+    unchanged. Returns {"model", "unlabeled", "eval"} paths."""
+    ws = ws or WarmStart()
+    data = make_task_data(os.path.join(root, "demo-data"))
+    model_dir = os.path.join(root, f"demo-model-{cache_key(ws)}")
+    if not os.path.exists(os.path.join(model_dir, "SAVE_OK")):
+        print(f"demo: warm-starting a tiny Qwen2.5-VL on '{QUESTION}' -> {model_dir}", flush=True)
+        base = build_tiny_model(os.path.join(root, "demo-base"))
+        warm_start(base, model_dir, ws, data["keys"])
+    return {"model": model_dir, "unlabeled": data["unlabeled"], "eval": data["eval"]}
+
+
+# ---------------------------------------------------------------- train and evaluate
+@dataclass
+class DemoRun:
+    """The self-training run: flags chosen so the tiny model learns in a few CPU minutes."""
+    steps: int = 48
+    seed: int = 42
+    lr: float = 5e-4
+    kl_coef: float = 0.01
+    samples: int = 5
+    max_new_tokens: int = 32
+    eval_seed: int = 0
+
+
+def train_args(paths: dict, root: str, name: str, run: DemoRun) -> list[str]:
+    """`train.py` flags for the demo (see README: what they change and why)."""
+    flags = {"data_dir": paths["unlabeled"], "solver_model": paths["model"],
+             "proposer_model": paths["model"], "dtype": "float32", "device_map": "cpu",
+             "output_dir": root, "wandb_run_name": name, "total_steps": run.steps,
+             "save_every": max(1, run.steps // 4), "seed": run.seed, "lr": run.lr,
+             "num_solver_samples": run.samples, "max_new_tokens_solver": run.max_new_tokens,
+             "max_new_tokens_proposer": 32, "max_pixels": MAX_PIXELS, "baseline": "group",
+             "proposer_update_freq": 4, "lora_dropout": 0.0,
+             "kl_coef": run.kl_coef, "kl_adapt_rate": 0.0}
+    args = ["--use_lora_solver", "--use_lora_proposer"]
+    for key, value in flags.items():
+        args += [f"--{key}", str(value)]
+    return args
+
+
+def evaluate(paths: dict, adapter: str | None, out: str, run: DemoRun) -> dict:
+    """The held-out set through `run.py eval` (infer.py); returns its metrics, plus the accuracy
+    over all N samples per image (a lower-variance estimate of single-sample accuracy)."""
+    import infer
+    argv = ["eval", "--model", paths["model"], "--adapter", adapter or "none",
+            "--data", paths["eval"], "--samples", str(run.samples),
+            "--max_new_tokens", str(run.max_new_tokens), "--max_pixels", str(MAX_PIXELS),
+            "--seed", str(run.eval_seed), "--out", out]
+    if infer.main(argv) != 0:
+        raise RuntimeError(f"run.py {' '.join(argv)} failed")
+    return summarize(out)
+
+
+def summarize(results_path: str) -> dict:
+    import infer
+    from data_and_utils import normalize_answer
+    keys = {"acc": "correct_first", "maj": "correct_majority", "agreement": "agreement",
+            "step_agreement": "step_agreement"}
+    sums, n = {k: 0.0 for k in [*keys, "acc_all"]}, 0
+    with open(results_path) as f:
+        for line in f:
+            rec = json.loads(line)
+            (res,) = rec["results"].values()
+            gold = infer.gold_forms(infer.Row(rec["line"], rec["image"], rec["question"],
+                                              rec["answer"]))
+            for k, field in keys.items():
+                sums[k] += float(res[field])
+            sums["acc_all"] += sum(normalize_answer(a) in gold for a in res["answers"]) / len(res["answers"])
+            n += 1
+    return {k: v / max(n, 1) for k, v in sums.items()} | {"rows": n}
+
+
+ROWS = [("acc", "accuracy, first sample (eval's acc)"), ("acc_all", "accuracy, all samples"),
+        ("maj", "majority@N (eval's maj@N)"), ("agreement", "answer agreement"),
+        ("step_agreement", "step agreement")]
+
+
+def table(before: dict, after: dict) -> str:
+    lines = [f"{'held-out (' + str(before['rows']) + ' images)':38s} {'before':>7s} {'after':>7s} {'change':>7s}"]
+    for key, title in ROWS:
+        lines.append(f"{title:38s} {before[key]:7.3f} {after[key]:7.3f} {after[key] - before[key]:+7.3f}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(build_demo(sys.argv[1] if len(sys.argv) > 1 else "runs")["model"])

@@ -1,0 +1,180 @@
+"""Training curves from a run's iter_log.jsonl, one PNG.
+
+    python run.py plot runs/demo                   # writes runs/demo/curves.png
+    python run.py plot runs/demo --out curves.png
+
+Per step, smoothed (a running mean over ~1/10 of the run, raw values faint behind): the mean final
+reward, the majority share (dominant_count / N), the answer entropy, the step-agreement reward with
+its mixing weight, the Solver's KL with its coefficient beta, and the Proposer's reward. A
+data-parallel log has one record per rank per step, and a log may hold several records (images)
+per step: every step shows the mean over its records.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from collections import defaultdict
+
+LOG_NAME = "iter_log.jsonl"
+
+
+class PlotError(Exception):
+    """Printed as one line, exit 2."""
+
+
+def _mean(value) -> float | None:
+    """A logged number, or the mean of a logged list; None when absent or not a number."""
+    if isinstance(value, (list, tuple)):
+        nums = [float(v) for v in value if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        return sum(nums) / len(nums) if nums else None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return None
+
+
+def _majority_share(rec: dict) -> float | None:
+    n = len(rec.get("answers_norm") or rec.get("answers") or [])
+    count = _mean(rec.get("dominant_count"))
+    return count / n if n and count is not None else None
+
+
+# name -> how to read it from one record
+SERIES = {
+    "reward_final": lambda r: _mean(r.get("reward_final")),
+    "majority_share": _majority_share,
+    "answer_entropy": lambda r: _mean(r.get("answer_entropy")),
+    "reward_steps": lambda r: _mean(r.get("reward_steps")),
+    "step_reward_weight": lambda r: _mean(r.get("step_reward_weight")),
+    "solver_kl": lambda r: _mean(r.get("solver_kl")),
+    "kl_coef_solver": lambda r: _mean(r.get("kl_coef_solver_after")),
+    "proposer_reward": lambda r: _mean(r.get("proposer_reward")),
+}
+
+
+def read_log(path: str) -> tuple[list[dict], int]:
+    """Records of a run folder's log (or of a log file), and how many lines were unreadable
+    (a line cut short by a kill is skipped, not fatal)."""
+    log_path = os.path.join(path, LOG_NAME) if os.path.isdir(path) else path
+    if not os.path.isfile(log_path):
+        raise PlotError(f"no training log at {log_path}")
+    records, bad = [], 0
+    with open(log_path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                bad += 1
+                continue
+            if isinstance(rec, dict) and isinstance(rec.get("step"), int):
+                records.append(rec)
+            else:
+                bad += 1
+    if not records:
+        raise PlotError(f"{log_path} holds no training records")
+    return records, bad
+
+
+def per_step(records: list[dict]) -> dict[str, tuple[list[int], list[float]]]:
+    """name -> (steps, values): the mean over each step's records (ranks, images)."""
+    grouped = defaultdict(lambda: defaultdict(list))
+    for rec in records:
+        for name, read in SERIES.items():
+            value = read(rec)
+            if value is not None and math.isfinite(value):
+                grouped[name][rec["step"]].append(value)
+    out = {}
+    for name, by_step in grouped.items():
+        steps = sorted(by_step)
+        out[name] = (steps, [sum(by_step[s]) / len(by_step[s]) for s in steps])
+    return out
+
+
+def smooth(values: list[float], window: int) -> list[float]:
+    """Trailing running mean: point i averages the up to `window` values ending at i."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+PANELS = [  # (title, [(series, label)], log scale)
+    ("mean final reward", [("reward_final", "reward")], False),
+    ("majority share (dominant_count / N)", [("majority_share", "share")], False),
+    ("answer entropy (nats)", [("answer_entropy", "entropy")], False),
+    ("step-agreement reward", [("reward_steps", "step reward"),
+                               ("step_reward_weight", "mixing weight")], False),
+    ("solver KL and beta", [("solver_kl", "KL"), ("kl_coef_solver", "beta")], True),
+    ("proposer reward", [("proposer_reward", "reward")], False),
+]
+
+
+def plot(records: list[dict], out: str, title: str) -> str:
+    import matplotlib
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+    series = per_step(records)
+    n_steps = max(len(s) for s, _ in series.values()) if series else 1
+    window = max(1, n_steps // 10)
+    fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
+    for ax, (panel, lines, log_scale) in zip(axes.flat, PANELS):
+        for i, (name, label) in enumerate(lines):
+            if name not in series:
+                continue
+            steps, values = series[name]
+            color = f"C{i}"
+            if log_scale:
+                keep = [(s, v) for s, v in zip(steps, values) if v > 0]
+                steps, values = [s for s, _ in keep], [v for _, v in keep]
+            ax.plot(steps, values, color=color, alpha=0.25, linewidth=0.8)
+            ax.plot(steps, smooth(values, window), color=color, label=label, linewidth=1.8)
+        if log_scale:
+            ax.set_yscale("log")
+        ax.set_title(panel, fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if len(lines) > 1:
+            ax.legend(fontsize=8)
+    fig.suptitle(f"{title} (smoothed over {window} step{'s' * (window > 1)}; raw values faint)")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    fig.savefig(out, dpi=80)
+    plt.close(fig)
+    return out
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="run.py plot", description=__doc__.split("\n")[0])
+    p.add_argument("run", help="Run folder (runs/<run>) or its iter_log.jsonl.")
+    p.add_argument("--out", default="", help="PNG to write (default: <run>/curves.png).")
+    try:
+        args = p.parse_args(argv)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 2
+    try:
+        records, bad = read_log(args.run)
+    except PlotError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if bad:
+        print(f"warning: skipped {bad} unreadable log line(s)", file=sys.stderr)
+    run_dir = args.run if os.path.isdir(args.run) else os.path.dirname(args.run)
+    out = args.out or os.path.join(run_dir, "curves.png")
+    try:
+        plot(records, out, os.path.basename(os.path.abspath(run_dir)))
+    except OSError as e:
+        print(f"error: cannot write {out}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    print(f"curves: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
