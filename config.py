@@ -83,7 +83,10 @@ class Config:
     # ---- KL ----
     kl_coef: float = _help("Initial KL coefficient beta.", default=1e-3)
     kl_target: float = _help("Target KL for the adaptive beta.", default=0.02)
-    kl_adapt_rate: float = _help("beta <- beta*exp(rate*(KL-target)/target).", default=0.1)
+    kl_adapt_rate: float = _help("beta <- beta*exp(rate*e), e = clip((KL-target)/target, -c, c).",
+                                 default=0.1)
+    kl_error_clip: float = _help("c: bound on the relative KL error per update (Ziegler et al. "
+                                 "2019, TRL: 0.2); 0 = unclipped, the published rule.", default=0.2)
     kl_estimator: str = _help(f"KL estimator: one of {KL_ESTIMATORS} (exact = full vocabulary).",
                               default="exact")
 
@@ -144,7 +147,7 @@ class Config:
         for name in ("lr", "kl_target", "temp", "kl_coef", "step_sim_temperature",
                      "proposer_reward_sigma", "len_penalty_target_words"):
             _check(getattr(self, name) > 0, f"--{name} must be > 0, got {getattr(self, name)}")
-        for name in ("weight_decay", "grad_clip", "kl_adapt_rate", "solver_soft_gamma",
+        for name in ("weight_decay", "grad_clip", "kl_adapt_rate", "kl_error_clip", "solver_soft_gamma",
                      "len_penalty_weight", "step_group_density_gamma", "step_position_decay",
                      "update_micro_batch", "clear_cache_every"):
             _check(getattr(self, name) >= 0, f"--{name} must be >= 0, got {getattr(self, name)}")

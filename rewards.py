@@ -147,13 +147,22 @@ def proposer_reward(entropy: float, mu: float, sigma: float) -> tuple[float, dic
     return r, {"proposer_reward": r, "answer_entropy": float(entropy)}
 
 
-def update_kl_coef(beta: float, kl: float, target: float, rate: float) -> float:
-    """Adaptive KL: beta grows when KL is above target, shrinks below; kept in [1e-8, 100]."""
+def update_kl_coef(beta: float, kl: float, target: float, rate: float,
+                   error_clip: float = 0.2) -> float:
+    """Adaptive KL (Ziegler et al. 2019): e = clip((KL - target)/target, -c, c), then
+    beta <- clip(beta * exp(rate * e), 1e-8, 100). The clip bounds one update to a factor of
+    exp(rate * c): without it, one step at 30x the target multiplies beta by e^2.9.
+    error_clip 0 = the unclipped published rule (exponent capped at +-50, so exp cannot overflow)."""
     if not math.isfinite(kl):
         raise ValueError(f"KL is not finite ({kl}); refusing to update the KL coefficient")
     if target <= 0:
         raise ValueError(f"KL target must be > 0, got {target}")
-    exponent = min(50.0, max(-50.0, rate * (kl - target) / target))  # no overflow in exp
+    if error_clip < 0:
+        raise ValueError(f"KL error clip must be >= 0, got {error_clip}")
+    error = (kl - target) / target
+    if error_clip > 0:
+        error = min(error_clip, max(-error_clip, error))
+    exponent = min(50.0, max(-50.0, rate * error))
     return min(100.0, max(1e-8, beta * math.exp(exponent)))
 
 

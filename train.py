@@ -211,7 +211,8 @@ def _update_role(cfg: Config, role: str, policies: dict, optimizers: dict, episo
     all_rewards = [r for rank_rewards in dist.gather(episode.rewards) for r in rank_rewards]
     st.baseline[role] = R.update_ema_baseline(b, all_rewards, cfg.baseline_momentum)
     if out["finite"]:
-        st.kl_coef[role] = R.update_kl_coef(beta, kl, cfg.kl_target, cfg.kl_adapt_rate)
+        st.kl_coef[role] = R.update_kl_coef(beta, kl, cfg.kl_target, cfg.kl_adapt_rate,
+                                             cfg.kl_error_clip)
         st.nonfinite_in_a_row = 0
     else:
         st.nonfinite_skips += 1
@@ -364,7 +365,7 @@ def loop(cfg, run_name, run_dir, policies, optimizers, pool, st, dist) -> int:
                 bar.update(1)
                 bar.set_postfix(reward=f"{np.mean(r['reward_final']):.3f}",
                                 maj=f"{r['dominant_count']}/{cfg.num_solver_samples}",
-                                kl=f"{r['solver_kl']:.2e}")
+                                kl=f"{r['solver_kl']:.2e}", beta=f"{st.kl_coef['solver']:.2e}")
             if step % cfg.save_every == 0 or step == cfg.total_steps:
                 save(cfg, run_dir, policies, optimizers, st, rng, dist)
                 saved_step = step

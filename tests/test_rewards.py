@@ -204,14 +204,52 @@ def test_proposer_reward_gaussian():
 
 def test_update_kl_coef():
     # exponent = 0.1*(0.04-0.02)/0.02 = 0.1 -> 0.001*e^0.1
-    assert update_kl_coef(0.001, 0.04, 0.02, 0.1) == approx(0.00110517, rel=1e-6)
-    assert update_kl_coef(0.001, 0.0, 0.02, 0.1) == approx(0.000904837, rel=1e-6)  # e^-0.1
+    assert update_kl_coef(0.001, 0.04, 0.02, 0.1, 0) == approx(0.00110517, rel=1e-6)
+    assert update_kl_coef(0.001, 0.0, 0.02, 0.1, 0) == approx(0.000904837, rel=1e-6)  # e^-0.1
+    # default clip 0.2: the error 1 is clipped to 0.2 -> e^0.02
+    assert update_kl_coef(0.001, 0.04, 0.02, 0.1) == approx(0.001 * 1.02020134, rel=1e-7)
     assert update_kl_coef(0.001, 0.02, 0.02, 0.1) == approx(0.001)  # on target: unchanged
-    assert update_kl_coef(50.0, 2.0, 0.02, 0.1) == 100.0             # clipped high
+    assert update_kl_coef(50.0, 2.0, 0.02, 0.1, 0) == 100.0          # clipped high
     assert update_kl_coef(1e-8, 0.0, 0.02, 5.0) == 1e-8              # clipped low
-    assert update_kl_coef(1.0, 1e300, 0.02, 0.1) == 100.0             # exp does not overflow
+    assert update_kl_coef(1.0, 1e300, 0.02, 0.1, 0) == 100.0          # exp does not overflow
     with pytest.raises(ValueError):
         update_kl_coef(1.0, math.nan, 0.02, 0.1)
+    with pytest.raises(ValueError):
+        update_kl_coef(1.0, 0.01, 0.02, 0.1, -0.2)
+
+
+def kl_sequence(trace, clip):
+    beta, betas = 1e-3, []
+    for kl in trace:
+        beta = update_kl_coef(beta, kl, 0.02, 0.1, clip)
+        betas.append(beta)
+    return betas
+
+
+def test_kl_spike_with_default_clip_moves_beta_by_e_to_the_0_02_at_most():
+    # errors (0.01-0.02)/0.02 = -0.5 -> -0.2; (1.0-0.02)/0.02 = 49 -> +0.2; exponent = 0.1*e
+    # 1e-3 * e^-0.02 = 9.8019867e-4, * e^-0.02 = 9.6078944e-4, * e^+0.02, * e^-0.02
+    assert kl_sequence([0.01, 0.01, 1.0, 0.01], 0.2) == [
+        approx(9.8019867e-4, rel=1e-7), approx(9.6078944e-4, rel=1e-7),
+        approx(9.8019867e-4, rel=1e-7), approx(9.6078944e-4, rel=1e-7)]
+
+
+def test_kl_spike_with_clip_0_is_the_published_rule():
+    # exponents -0.05, -0.05, 0.1*49 = 4.9, -0.05: 1e-3*e^-0.05, e^-0.1, e^4.8, e^4.75
+    assert kl_sequence([0.01, 0.01, 1.0, 0.01], 0) == [
+        approx(9.5122942e-4, rel=1e-7), approx(9.0483742e-4, rel=1e-7),
+        approx(0.12151042, rel=1e-7), approx(0.11558428, rel=1e-7)]
+
+
+@pytest.mark.parametrize("kl", [0.0, 1e-6, 0.019, 0.021, 0.05, 0.61, 30.0, 1e12])
+@pytest.mark.parametrize("rate,clip", [(0.1, 0.2), (1.0, 0.2), (0.5, 1.0)])
+def test_one_update_changes_beta_by_at_most_exp_rate_times_clip(kl, rate, clip):
+    for beta in (1e-4, 0.054, 4.1):
+        ratio = update_kl_coef(beta, kl, 0.02, rate, clip) / beta
+        bound = math.exp(rate * clip)
+        assert 1 / bound * (1 - 1e-12) <= ratio <= bound * (1 + 1e-12)
+    # and the bound is reached: far above / below target moves by exactly the factor
+    assert update_kl_coef(0.054, 0.61, 0.02, rate, clip) == approx(0.054 * math.exp(rate * clip))
 
 
 def test_update_ema_baseline():
