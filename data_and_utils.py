@@ -267,9 +267,6 @@ _TAG_TOKEN = re.compile(r"</?[A-Za-z][\w-]*\s*/?>")
 _STEP_MARKER = re.compile(
     r"^[\s*#>•-]*(?:step\s*\d+\b\s*[:.)\-–—]?|\d+[.)](?=\s|$))\s*", re.IGNORECASE)
 _SENTENCE_SPLIT = re.compile(r"(?<=[.!?])\s+|\n+")
-# Stripped from the ends of answers on top of unicode punctuation (category P*).
-_EXTRA_STRIP = set("`´'\"*~^|")
-_SIGN_CHARS = set("-+.−")  # kept at the start when a digit follows: -5, +3, .5
 
 
 def _pair_pattern(tag: str) -> re.Pattern:
@@ -306,15 +303,19 @@ def _before_answer(text: str) -> str:
 
 
 def normalize_answer(s: str) -> str:
-    s = unicodedata.normalize("NFKC", s).lower().replace(",", "")
+    """The published rule, on unicode: NFKC, lowercase, drop commas, collapse whitespace, strip
+    every punctuation or symbol character (unicode P* and S*) at both ends, so $5, 5., +5, (5)
+    and "5" are all 5. One exception, our fix: a leading minus directly before a digit or a
+    decimal point stays (-5 != 5); the published code strips it. U+2212 counts as a minus."""
+    s = unicodedata.normalize("NFKC", s).lower().replace(",", "").replace("\u2212", "-")
     s = " ".join(s.split())
 
     def strippable(c: str) -> bool:
-        return c.isspace() or c in _EXTRA_STRIP or unicodedata.category(c).startswith("P")
+        return c.isspace() or unicodedata.category(c)[0] in "PS"
 
     start, end = 0, len(s)
     while start < end and strippable(s[start]):
-        if s[start] in _SIGN_CHARS and start + 1 < end and s[start + 1].isdigit():
+        if s[start] == "-" and start + 1 < end and (s[start + 1].isdigit() or s[start + 1] == "."):
             break
         start += 1
     while end > start and strippable(s[end - 1]):

@@ -80,7 +80,8 @@ def step_agreement_rewards(group: list[int], step_embeddings: list[torch.Tensor]
                            sim_temperature: float) -> tuple[list[float], dict]:
     """Reward samples in the majority-answer `group` (indices into `step_embeddings`, one
     [steps, d] tensor per sample) whose reasoning steps point the same way as the group's
-    average step at each position. Everyone else gets 0."""
+    average step at each position. Everyone else gets 0. `min_group_size` applies twice: to the
+    group, and to each step position (members that have a step there)."""
     n = len(step_embeddings)
     outside = [i for i in group if not 0 <= i < n]
     if outside:
@@ -99,7 +100,8 @@ def step_agreement_rewards(group: list[int], step_embeddings: list[torch.Tensor]
     cosines = []
     for j in range(max(emb[i].shape[0] for i in group)):
         members = [i for i in group if emb[i].shape[0] > j]
-        if len(members) < 2:  # one step alone always agrees with itself: no signal
+        # The published rule: a position counts only when min_group_size members reach it.
+        if len(members) < min_group_size:
             continue
         info["positions_used"] += 1
         centre = F.normalize(torch.stack([emb[i][j] for i in members]).mean(0), dim=-1, eps=1e-12)

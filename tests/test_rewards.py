@@ -202,6 +202,26 @@ def test_proposer_reward_gaussian():
     assert r == approx(0.135335, abs=1e-6)  # exp(-2)
 
 
+def test_min_step_group_size_applies_per_position():
+    # Group 0,1,2 of N=4. Position 0: all three have e=(1,0) -> cos 1, u 1. Position 1: only
+    # samples 0 and 1 have a step, (1,0) and (0,1): centre (1,1)/sqrt2, cos 1/sqrt2.
+    e, a, b = torch.tensor([1.0, 0.0]), torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    embs = [torch.stack([e, a]), torch.stack([e, b]), e[None], torch.zeros(0, 2)]
+    # density = (3/4)**0.7 = 0.817604
+    # min 3: position 1 (2 members) is skipped -> r = 1 * density = 0.817604 for all three
+    r, info = step_agreement_rewards([0, 1, 2], embs, 3, 0.7, 0.15, 1.0)
+    assert r == [approx(0.817604, abs=1e-6)] * 3 + [0.0]
+    assert info["positions_used"] == 1
+    # min 2: position 1 counts for 0 and 1: u = (1 + 0.707107)/2 = 0.853553, w1 = e^-0.15
+    # = 0.860708; (1 + 0.860708*0.853553)/(1 + 0.860708) = 0.932258; * density = 0.762218
+    r, info = step_agreement_rewards([0, 1, 2], embs, 2, 0.7, 0.15, 1.0)
+    assert r == [approx(0.762218, abs=1e-6), approx(0.762218, abs=1e-6),
+                 approx(0.817604, abs=1e-6), 0.0]
+    assert info["positions_used"] == 2
+    # min 4 > group size 3: no step rewards at all
+    assert step_agreement_rewards([0, 1, 2], embs, 4, 0.7, 0.15, 1.0)[0] == [0.0] * 4
+
+
 def test_update_kl_coef():
     # exponent = 0.1*(0.04-0.02)/0.02 = 0.1 -> 0.001*e^0.1
     assert update_kl_coef(0.001, 0.04, 0.02, 0.1, 0) == approx(0.00110517, rel=1e-6)
