@@ -234,23 +234,61 @@ def _walk_images(root: str, visited: set[str]) -> list[str]:
 # -----------------------------------------------------------------------------
 # prompts
 
-def proposer_prompt() -> str:
-    return (
-        "Look carefully at the image. Write ONE challenging question about it that can be "
-        "answered from the image alone and whose answer is short and checkable: a number, a "
-        "word or a short phrase. Do NOT give the answer.\n"
-        "Put the question inside <question>...</question>, then explain in one or two "
-        "sentences why it is challenging inside <rationale>...</rationale>."
-    )
+# Our own wording of the published prompts, with every instruction in the published order.
+# --proposer_prompt_file / --solver_prompt_file replace them (byte-exact published prompts too).
+QUESTION_PLACEHOLDER = "{question}"
+
+PROPOSER_PROMPT = """You propose questions about images.
+Look at the image and write a single question with a short answer that the image alone is enough to answer.
+The question must not be ambiguous, and must not be a trivial counting question.
+Phrase it in one or two clear and specific sentences.
+If the answer is a number, say what is measured and in which unit.
+Do not give the answer.
+Reply with exactly these two tags and nothing else:
+<question>the question</question>
+<rationale>why the question is not trivial, yet can be answered from the image</rationale>"""
+
+SOLVER_PROMPT = """You reason carefully about images and text.
+Answer the question below using only what the image shows.
+First reason inside <think>...</think>, one numbered line per step:
+<think>
+Step 1: ...
+Step 2: ...
+</think>
+Each step states one concrete claim about what is visible or about how the problem is structured.
+Then give the short final answer inside <answer>...</answer>.
+Write nothing outside the <think> and <answer> tags.
+
+Question: {question}"""
 
 
-def solver_prompt(question: str) -> str:
-    return (
-        f"Answer this question about the image: {question}\n"
-        "Reason step by step inside <think>...</think>, one numbered line per step "
-        "(Step 1: ..., Step 2: ..., ...). Then give only the short final answer (a number, "
-        "a word or a short phrase) inside <answer>...</answer>."
-    )
+def proposer_prompt(template: str | None = None) -> str:
+    return PROPOSER_PROMPT if template is None else template
+
+
+def solver_prompt(question: str, template: str | None = None) -> str:
+    """The template with {question} replaced (str.replace: other braces in a file stay as they
+    are, where str.format would fail on them)."""
+    return (SOLVER_PROMPT if template is None else template).replace(QUESTION_PLACEHOLDER, question)
+
+
+def read_prompt_file(path: str, flag: str, placeholder: str | None = None) -> str:
+    """A prompt template from a UTF-8 text file; ValueError (one line) when unreadable, empty,
+    or missing the placeholder."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{flag} {path}: cannot read it as UTF-8 text "
+                         f"({first_line(e)})") from e
+    # Editors end a file with a newline the prompt did not have: drop exactly one.
+    text = text[:-2] if text.endswith("\r\n") else text[:-1] if text.endswith("\n") else text
+    if not text.strip():
+        raise ValueError(f"{flag} {path} is empty")
+    if placeholder is not None and placeholder not in text:
+        raise ValueError(f"{flag} {path} has no {placeholder} placeholder: the question is put "
+                         f"there")
+    return text
 
 
 # -----------------------------------------------------------------------------
