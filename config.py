@@ -198,6 +198,17 @@ class Config:
         """The prompt texts in use: saved with every checkpoint, checked on resume."""
         return {"proposer": self.proposer_prompt_text, "solver": self.solver_prompt_text}
 
+    def prompt_mismatch(self, saved: dict) -> str | None:
+        """Why prompt texts saved by a run differ from these (resuming would change the task
+        mid-run), or None."""
+        for role, text in self.prompt_texts().items():
+            if saved.get(role) != text:
+                source = getattr(self, f"{role}_prompt_file") or "the built-in prompt"
+                return (f"another {role} prompt than {source}; resume with the same "
+                        f"--{role}_prompt_file (its text is saved in trainer_state.pt) or use "
+                        f"another --wandb_run_name")
+        return None
+
 
 def _split(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]

@@ -129,7 +129,8 @@ class ImagePool:
     def __init__(self, data_dir: str, include_subfolders: list[str] | None, seed: int,
                  max_pixels: int, min_pixels: int = 56 * 56, factor: int = 28,
                  max_retries: int = 64):
-        if min_pixels > max_pixels:
+        # max_pixels 0: the processor's own limit, set by the trainer once the model is loaded.
+        if max_pixels and min_pixels > max_pixels:
             raise UserError(f"max_pixels ({max_pixels}) must be >= min_pixels ({min_pixels})")
         self.data_dir, self.seed = data_dir, seed
         self.max_pixels, self.min_pixels, self.factor = max_pixels, min_pixels, factor

@@ -253,6 +253,19 @@ def sampling_settings(policy: Policy, top_k: int | None = None,
     return int(chosen[0]), float(chosen[1]), ", ".join(sources)
 
 
+def log_sampling(cfg, policies: dict) -> None:
+    """The effective sampling settings, logged once at start: top_k and repetition_penalty may
+    come from the model's generation_config, which the user never typed."""
+    for role, policy in policies.items():
+        top_k, _, source = sampling_settings(policy, cfg.top_k, cfg.repetition_penalty)
+        log.info("%s sampling: temperature %g, top_p %g, %s", role, cfg.temp, cfg.top_p, source)
+        if top_k == 1:
+            log.warning("%s: top_k 1 samples greedily, so all answers are the same; pass "
+                        "--top_k 0 (off) or a larger value", role)
+    log.info("update: %s; proposer %s", cfg.update_mode,
+             f"every {cfg.proposer_update_freq} steps" if cfg.proposer_update_freq else "never")
+
+
 def _pad_id(policy: Policy) -> int:
     return policy.processor.tokenizer.pad_token_id
 
@@ -394,8 +407,13 @@ def load_policy(policy: Policy, path: str) -> None:
 
 
 def image_sizing(processor, max_pixels: int) -> tuple[int, int, int]:
-    """(min_pixels, max_pixels, factor) the processor accepts without resizing again."""
+    """(min_pixels, max_pixels, factor) the processor accepts without resizing again.
+    max_pixels 0: the processor's own limit, as the published code (which let the processor
+    size images) had it; a positive value caps it."""
     ip = processor.image_processor
     size = ip.size or {}
-    upper = min(max_pixels, size.get("longest_edge", max_pixels))
+    own = size.get("longest_edge") or getattr(ip, "max_pixels", None)
+    if not max_pixels and not own:
+        raise ValueError(f"{type(ip).__name__} names no max_pixels of its own: pass --max_pixels")
+    upper = min(max_pixels, own) if max_pixels and own else (max_pixels or own)
     return size.get("shortest_edge", 56 * 56), upper, ip.patch_size * ip.merge_size
