@@ -116,6 +116,20 @@ def load_checkpoint(path: str, policies: dict) -> dict:
                         f"({first_line(e)}); pick an older one with --resume_from") from e
 
 
+def read_run_settings(step_dir: str) -> dict | None:
+    """{"config": ..., "prompts": ...} saved in a checkpoint folder, or None when the folder is not
+    a complete checkpoint (e.g. an adapter copied elsewhere). Errors name the file."""
+    if not os.path.isfile(os.path.join(step_dir, DONE_FILE)):
+        return None
+    try:
+        state = torch.load(os.path.join(step_dir, STATE_FILE), weights_only=False,
+                           map_location="cpu")
+    except STATE_READ_ERRORS as e:
+        raise UserError(f"checkpoint {step_dir}: {STATE_FILE} is unreadable "
+                        f"({first_line(e)})") from e
+    return {"config": state.get("config", {}), "prompts": state.get("prompts")}
+
+
 def set_aside_newer(run_dir: str, step: int) -> None:
     """Resuming from an older checkpoint: keep newer ones, but out of the way, under new names."""
     stamp = time.strftime("%Y%m%d-%H%M%S")

@@ -10,12 +10,17 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field, fields
 
+from typing import Optional
+
 from transformers import HfArgumentParser
+
+from data_and_utils import PROPOSER_PROMPT, QUESTION_PLACEHOLDER, SOLVER_PROMPT, read_prompt_file
 
 WANDB_MODES = ("disabled", "offline", "online")
 DTYPES = ("bfloat16", "float16", "float32")
 STEP_EMBEDDERS = ("input_embeddings", "hidden_states")
 BASELINES = ("ema", "group")
+UPDATE_MODES = ("batched", "per_sample")
 KL_ESTIMATORS = ("exact", "k3")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 
@@ -30,8 +35,8 @@ class Config:
     data_dir: str = _help("Folder of unlabeled images (scanned recursively).", default="")
     include_subfolders: str = _help(
         "Comma-separated first-level subfolders of data_dir to use (default: all).", default="")
-    max_pixels: int = _help("Upper bound on image pixels after resizing (multiple of 28x28).",
-                            default=1024 * 28 * 28)
+    max_pixels: int = _help("Upper bound on image pixels after resizing (0 = the processor's own "
+                            "limit, as published; Qwen2.5-VL: 12,845,056).", default=0)
     seed: int = _help("Seed for the image order, sampling and LoRA init.", default=42)
 
     # ---- models ----
@@ -67,13 +72,25 @@ class Config:
     top_p: float = _help("Nucleus sampling top-p, in (0, 1].", default=1.0)
     max_new_tokens_solver: int = _help("Max new tokens per Solver answer.", default=256)
     max_new_tokens_proposer: int = _help("Max new tokens for the Proposer's question.", default=128)
+    top_k: Optional[int] = _help("Top-k sampling (0 = off). Default: the model's "
+                                 "generation_config value, else HF's 50, as published.", default=None)
+    repetition_penalty: Optional[float] = _help(
+        "HF repetition penalty over prompt + generated ids (1 = off). Default: the model's "
+        "generation_config value, else 1.0, as published.", default=None)
+    proposer_prompt_file: str = _help("UTF-8 text file replacing the Proposer prompt.", default="")
+    solver_prompt_file: str = _help("UTF-8 text file replacing the Solver prompt; must contain "
+                                    "{question}.", default="")
 
     # ---- optimisation ----
     total_steps: int = _help("Training steps (one image each).", default=2500)
     lr: float = _help("AdamW learning rate (both roles).", default=1e-6)
     weight_decay: float = _help("AdamW weight decay.", default=0.01)
     grad_clip: float = _help("Global gradient-norm clip.", default=1.0)
-    proposer_update_freq: int = _help("Update the Proposer every this many steps.", default=5)
+    proposer_update_freq: int = _help("Update the Proposer every this many steps (0 = never, "
+                                      "which is what the published code did in effect).", default=5)
+    update_mode: str = _help(f"One of {UPDATE_MODES}: one optimizer step per image over its N "
+                             f"answers, or one per answer in sample order (published).",
+                             default="batched")
     baseline: str = _help(f"Advantage baseline: one of {BASELINES} (ema = running mean).",
                           default="ema")
     baseline_momentum: float = _help("EMA baseline: b <- m*b + (1-m)*reward.", default=0.9)
@@ -83,7 +100,10 @@ class Config:
     # ---- KL ----
     kl_coef: float = _help("Initial KL coefficient beta.", default=1e-3)
     kl_target: float = _help("Target KL for the adaptive beta.", default=0.02)
-    kl_adapt_rate: float = _help("beta <- beta*exp(rate*(KL-target)/target).", default=0.1)
+    kl_adapt_rate: float = _help("beta <- beta*exp(rate*e), e = clip((KL-target)/target, -c, c).",
+                                 default=0.1)
+    kl_error_clip: float = _help("c: bound on the relative KL error per update (Ziegler et al. "
+                                 "2019, TRL: 0.2); 0 = unclipped, the published rule.", default=0.2)
     kl_estimator: str = _help(f"KL estimator: one of {KL_ESTIMATORS} (exact = full vocabulary).",
                               default="exact")
 
@@ -133,22 +153,31 @@ class Config:
         _check(self.dtype in DTYPES, f"--dtype must be one of {DTYPES}")
         _check(self.step_embedder in STEP_EMBEDDERS, f"--step_embedder must be one of {STEP_EMBEDDERS}")
         _check(self.baseline in BASELINES, f"--baseline must be one of {BASELINES}")
+        _check(self.update_mode in UPDATE_MODES, f"--update_mode must be one of {UPDATE_MODES}")
         _check(self.kl_estimator in KL_ESTIMATORS, f"--kl_estimator must be one of {KL_ESTIMATORS}")
         _check(self.attn_implementation in ATTN_IMPLEMENTATIONS,
                f"--attn_implementation must be one of {ATTN_IMPLEMENTATIONS}")
         for name in ("num_solver_samples", "total_steps", "lora_r", "lora_alpha", "save_every",
-                     "max_checkpoints", "proposer_update_freq", "max_new_tokens_solver",
+                     "max_checkpoints", "max_new_tokens_solver",
                      "max_new_tokens_proposer", "max_reasoning_steps", "step_embed_max_tokens",
-                     "max_pixels", "min_step_group_size"):
+                     "min_step_group_size"):
             _check(getattr(self, name) >= 1, f"--{name} must be >= 1, got {getattr(self, name)}")
         for name in ("lr", "kl_target", "temp", "kl_coef", "step_sim_temperature",
                      "proposer_reward_sigma", "len_penalty_target_words"):
             _check(getattr(self, name) > 0, f"--{name} must be > 0, got {getattr(self, name)}")
-        for name in ("weight_decay", "grad_clip", "kl_adapt_rate", "solver_soft_gamma",
+        for name in ("weight_decay", "grad_clip", "kl_adapt_rate", "kl_error_clip", "solver_soft_gamma",
                      "len_penalty_weight", "step_group_density_gamma", "step_position_decay",
-                     "update_micro_batch", "clear_cache_every"):
+                     "update_micro_batch", "clear_cache_every", "max_pixels",
+                     "proposer_update_freq"):
             _check(getattr(self, name) >= 0, f"--{name} must be >= 0, got {getattr(self, name)}")
         _check(0 < self.top_p <= 1, f"--top_p must be in (0, 1], got {self.top_p}")
+        _check_sampling(self.top_k, self.repetition_penalty)
+        self.proposer_prompt_text = (read_prompt_file(self.proposer_prompt_file,
+                                                      "--proposer_prompt_file")
+                                     if self.proposer_prompt_file else PROPOSER_PROMPT)
+        self.solver_prompt_text = (read_prompt_file(self.solver_prompt_file, "--solver_prompt_file",
+                                                    QUESTION_PLACEHOLDER)
+                                   if self.solver_prompt_file else SOLVER_PROMPT)
         _check(0 <= self.lora_dropout < 1, f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
         _check(0 <= self.baseline_momentum < 1,
                f"--baseline_momentum must be in [0, 1), got {self.baseline_momentum}")
@@ -165,6 +194,21 @@ class Config:
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
+    def prompt_texts(self) -> dict:
+        """The prompt texts in use: saved with every checkpoint, checked on resume."""
+        return {"proposer": self.proposer_prompt_text, "solver": self.solver_prompt_text}
+
+    def prompt_mismatch(self, saved: dict) -> str | None:
+        """Why prompt texts saved by a run differ from these (resuming would change the task
+        mid-run), or None."""
+        for role, text in self.prompt_texts().items():
+            if saved.get(role) != text:
+                source = getattr(self, f"{role}_prompt_file") or "the built-in prompt"
+                return (f"another {role} prompt than {source}; resume with the same "
+                        f"--{role}_prompt_file (its text is saved in trainer_state.pt) or use "
+                        f"another --wandb_run_name")
+        return None
+
 
 def _split(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
@@ -173,6 +217,12 @@ def _split(text: str) -> list[str]:
 def _check(ok: bool, message: str):
     if not ok:
         raise ValueError(message)
+
+
+def _check_sampling(top_k, repetition_penalty):
+    _check(top_k is None or top_k >= 0, f"--top_k must be >= 0 (0 = off), got {top_k}")
+    _check(repetition_penalty is None or repetition_penalty > 0,
+           f"--repetition_penalty must be > 0 (1 = off), got {repetition_penalty}")
 
 
 def parse_config(argv: list[str] | None = None) -> Config:
@@ -206,16 +256,23 @@ class ExportArgs(ModelArgs):
 @dataclass(kw_only=True)
 class SampleArgs(ModelArgs):
     """Sampling options of `infer` and `eval`."""
-    max_pixels: int = _help("Image pixel cap.", default=Config.max_pixels)
+    max_pixels: int = _help("Image pixel cap (0 = the processor's own).", default=Config.max_pixels)
     samples: int = _help("Answers sampled per question (N).", default=Config.num_solver_samples)
     max_new_tokens: int = _help("Max new tokens per answer.", default=Config.max_new_tokens_solver)
     temp: float = _help("Sampling temperature.", default=Config.temp)
     top_p: float = _help("Nucleus top-p.", default=Config.top_p)
+    top_k: Optional[int] = _help("Top-k (0 = off; default: the model's generation_config, else 50).",
+                                 default=Config.top_k)
+    repetition_penalty: Optional[float] = _help(
+        "Repetition penalty (default: the model's generation_config, else 1.0).",
+        default=Config.repetition_penalty)
     seed: int = _help("Sampling seed.", default=0)
 
     def __post_init__(self):
-        for name in ("samples", "max_new_tokens", "max_pixels"):
+        for name in ("samples", "max_new_tokens"):
             _check(getattr(self, name) >= 1, f"--{name} must be >= 1, got {getattr(self, name)}")
+        _check(self.max_pixels >= 0, f"--max_pixels must be >= 0, got {self.max_pixels}")
+        _check_sampling(self.top_k, self.repetition_penalty)
         _check(self.temp > 0 and 0 < self.top_p <= 1,
                f"need --temp > 0 and 0 < --top_p <= 1, got {self.temp}, {self.top_p}")
 

@@ -129,7 +129,8 @@ class ImagePool:
     def __init__(self, data_dir: str, include_subfolders: list[str] | None, seed: int,
                  max_pixels: int, min_pixels: int = 56 * 56, factor: int = 28,
                  max_retries: int = 64):
-        if min_pixels > max_pixels:
+        # max_pixels 0: the processor's own limit, set by the trainer once the model is loaded.
+        if max_pixels and min_pixels > max_pixels:
             raise UserError(f"max_pixels ({max_pixels}) must be >= min_pixels ({min_pixels})")
         self.data_dir, self.seed = data_dir, seed
         self.max_pixels, self.min_pixels, self.factor = max_pixels, min_pixels, factor
@@ -234,23 +235,61 @@ def _walk_images(root: str, visited: set[str]) -> list[str]:
 # -----------------------------------------------------------------------------
 # prompts
 
-def proposer_prompt() -> str:
-    return (
-        "Look carefully at the image. Write ONE challenging question about it that can be "
-        "answered from the image alone and whose answer is short and checkable: a number, a "
-        "word or a short phrase. Do NOT give the answer.\n"
-        "Put the question inside <question>...</question>, then explain in one or two "
-        "sentences why it is challenging inside <rationale>...</rationale>."
-    )
+# Our own wording of the published prompts, with every instruction in the published order.
+# --proposer_prompt_file / --solver_prompt_file replace them (byte-exact published prompts too).
+QUESTION_PLACEHOLDER = "{question}"
+
+PROPOSER_PROMPT = """You propose questions about images.
+Look at the image and write a single question with a short answer that the image alone is enough to answer.
+The question must not be ambiguous, and must not be a trivial counting question.
+Phrase it in one or two clear and specific sentences.
+If the answer is a number, say what is measured and in which unit.
+Do not give the answer.
+Reply with exactly these two tags and nothing else:
+<question>the question</question>
+<rationale>why the question is not trivial, yet can be answered from the image</rationale>"""
+
+SOLVER_PROMPT = """You reason carefully about images and text.
+Answer the question below using only what the image shows.
+First reason inside <think>...</think>, one numbered line per step:
+<think>
+Step 1: ...
+Step 2: ...
+</think>
+Each step states one concrete claim about what is visible or about how the problem is structured.
+Then give the short final answer inside <answer>...</answer>.
+Write nothing outside the <think> and <answer> tags.
+
+Question: {question}"""
 
 
-def solver_prompt(question: str) -> str:
-    return (
-        f"Answer this question about the image: {question}\n"
-        "Reason step by step inside <think>...</think>, one numbered line per step "
-        "(Step 1: ..., Step 2: ..., ...). Then give only the short final answer (a number, "
-        "a word or a short phrase) inside <answer>...</answer>."
-    )
+def proposer_prompt(template: str | None = None) -> str:
+    return PROPOSER_PROMPT if template is None else template
+
+
+def solver_prompt(question: str, template: str | None = None) -> str:
+    """The template with {question} replaced (str.replace: other braces in a file stay as they
+    are, where str.format would fail on them)."""
+    return (SOLVER_PROMPT if template is None else template).replace(QUESTION_PLACEHOLDER, question)
+
+
+def read_prompt_file(path: str, flag: str, placeholder: str | None = None) -> str:
+    """A prompt template from a UTF-8 text file; ValueError (one line) when unreadable, empty,
+    or missing the placeholder."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{flag} {path}: cannot read it as UTF-8 text "
+                         f"({first_line(e)})") from e
+    # Editors end a file with a newline the prompt did not have: drop exactly one.
+    text = text[:-2] if text.endswith("\r\n") else text[:-1] if text.endswith("\n") else text
+    if not text.strip():
+        raise ValueError(f"{flag} {path} is empty")
+    if placeholder is not None and placeholder not in text:
+        raise ValueError(f"{flag} {path} has no {placeholder} placeholder: the question is put "
+                         f"there")
+    return text
 
 
 # -----------------------------------------------------------------------------
@@ -267,9 +306,6 @@ _TAG_TOKEN = re.compile(r"</?[A-Za-z][\w-]*\s*/?>")
 _STEP_MARKER = re.compile(
     r"^[\s*#>•-]*(?:step\s*\d+\b\s*[:.)\-–—]?|\d+[.)](?=\s|$))\s*", re.IGNORECASE)
 _SENTENCE_SPLIT = re.compile(r"(?<=[.!?])\s+|\n+")
-# Stripped from the ends of answers on top of unicode punctuation (category P*).
-_EXTRA_STRIP = set("`´'\"*~^|")
-_SIGN_CHARS = set("-+.−")  # kept at the start when a digit follows: -5, +3, .5
 
 
 def _pair_pattern(tag: str) -> re.Pattern:
@@ -306,15 +342,19 @@ def _before_answer(text: str) -> str:
 
 
 def normalize_answer(s: str) -> str:
-    s = unicodedata.normalize("NFKC", s).lower().replace(",", "")
+    """The published rule, on unicode: NFKC, lowercase, drop commas, collapse whitespace, strip
+    every punctuation or symbol character (unicode P* and S*) at both ends, so $5, 5., +5, (5)
+    and "5" are all 5. One exception, our fix: a leading minus directly before a digit or a
+    decimal point stays (-5 != 5); the published code strips it. U+2212 counts as a minus."""
+    s = unicodedata.normalize("NFKC", s).lower().replace(",", "").replace("\u2212", "-")
     s = " ".join(s.split())
 
     def strippable(c: str) -> bool:
-        return c.isspace() or c in _EXTRA_STRIP or unicodedata.category(c).startswith("P")
+        return c.isspace() or unicodedata.category(c)[0] in "PS"
 
     start, end = 0, len(s)
     while start < end and strippable(s[start]):
-        if s[start] in _SIGN_CHARS and start + 1 < end and s[start + 1].isdigit():
+        if s[start] == "-" and start + 1 < end and (s[start + 1].isdigit() or s[start + 1] == "."):
             break
         start += 1
     while end > start and strippable(s[end - 1]):

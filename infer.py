@@ -12,6 +12,7 @@ Answers, agreement and step agreement are scored by the training code (rewards.c
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -24,6 +25,7 @@ import torch
 from tqdm import tqdm
 from transformers import HfArgumentParser
 
+import checkpoint
 import rewards
 import vlm
 from config import Config, EvalArgs, ExportArgs, InferArgs
@@ -35,6 +37,11 @@ from runtime import seed_all
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 SHOW_STEPS = 64  # steps printed per answer by `infer` (scoring uses the training limit)
 REWARD_CFG = Config()  # the training defaults: step limit, embedder, group size, decay
+# What a run's saved config sets for scoring answers and steps (see run_settings).
+SCORING_FIELDS = ("solver_soft_gamma", "len_penalty_weight", "len_penalty_target_words",
+                  "max_reasoning_steps", "min_step_group_size", "step_group_density_gamma",
+                  "step_position_decay", "step_sim_temperature", "step_embedder",
+                  "step_embed_max_tokens")
 
 
 # ---------------------------------------------------------------- command line
@@ -122,6 +129,31 @@ def load_models(args, adapters: dict) -> Loaded:
     return Loaded(policies, root, processor)
 
 
+@dataclass
+class RunSettings:
+    """How a model is scored and prompted: its training run's, or the defaults."""
+    reward_cfg: Config = field(default_factory=lambda: REWARD_CFG)
+    prompts: dict = field(default_factory=REWARD_CFG.prompt_texts)
+    source: str = "defaults"
+
+
+def run_settings(adapter: str | None) -> RunSettings:
+    """The settings of the run whose checkpoint holds `adapter` (runs/<run>/step_N/solver): its
+    step scoring (step limit, embedder, group size, decay, temperature) and its prompts.
+    The base model, or an adapter outside a checkpoint, gets the defaults."""
+    if adapter is None:
+        return RunSettings()
+    step_dir = os.path.dirname(os.path.abspath(adapter).rstrip("/"))
+    saved = checkpoint.read_run_settings(step_dir)
+    if saved is None:
+        return RunSettings()
+    reward_cfg = copy.copy(REWARD_CFG)
+    for name in SCORING_FIELDS:
+        if name in saved["config"]:
+            setattr(reward_cfg, name, saved["config"][name])
+    return RunSettings(reward_cfg, saved["prompts"] or REWARD_CFG.prompt_texts(), step_dir)
+
+
 @contextmanager
 def scope(loaded: Loaded, policy: vlm.Policy):
     """LoRA policies pick their adapter in vlm.acting; all others run with the adapters off,
@@ -139,11 +171,17 @@ def read_image(path: str, processor, max_pixels: int):
 
 
 # ---------------------------------------------------------------- sampling and scoring
-def solve(policy: vlm.Policy, image, question: str, args, image_features=None):
-    """N sampled answers scored by the training reward code. Returns (prompt, rewards dict)."""
-    prompt = vlm.make_prompt(policy, image, solver_prompt(question), image_features)
-    roll = vlm.generate(policy, prompt, args.samples, args.max_new_tokens, args.temp, args.top_p)
-    rw = rewards.compute_rewards(REWARD_CFG, roll.texts, 0, vlm.step_embedder(policy, REWARD_CFG))
+def solve(policy: vlm.Policy, image, question: str, args, image_features=None,
+          run: RunSettings | None = None):
+    """N sampled answers scored by the training reward code with the run's settings.
+    Returns (prompt, rewards dict)."""
+    run = run or RunSettings()
+    prompt = vlm.make_prompt(policy, image, solver_prompt(question, run.prompts["solver"]),
+                             image_features)
+    roll = vlm.generate(policy, prompt, args.samples, args.max_new_tokens, args.temp, args.top_p,
+                        top_k=args.top_k, repetition_penalty=args.repetition_penalty)
+    rw = rewards.compute_rewards(run.reward_cfg, roll.texts, 0,
+                                 vlm.step_embedder(policy, run.reward_cfg))
     return prompt, {**rw, "texts": roll.texts}
 
 
@@ -153,10 +191,11 @@ def summary(rw: dict) -> dict:
             "step_agreement": sum(rw["reward_steps"]) / n}
 
 
-def ask(policy: vlm.Policy, image, args) -> str:
+def ask(policy: vlm.Policy, image, args, run: RunSettings) -> str:
     """The proposer's question for this image, as in a training rollout."""
-    prompt = vlm.make_prompt(policy, image, proposer_prompt())
-    roll = vlm.generate(policy, prompt, 1, args.max_new_tokens_proposer, args.temp, args.top_p)
+    prompt = vlm.make_prompt(policy, image, proposer_prompt(run.prompts["proposer"]))
+    roll = vlm.generate(policy, prompt, 1, args.max_new_tokens_proposer, args.temp, args.top_p,
+                        top_k=args.top_k, repetition_penalty=args.repetition_penalty)
     return extract_question(roll.texts[0])
 
 
@@ -179,12 +218,12 @@ def cmd_infer(args: InferArgs) -> int:
     except BadImage as e:
         raise UserError(f"cannot read --image {args.image}: {e}") from e
     seed_all(args.seed)
-    question = args.question
+    question, run = args.question, run_settings(solver_dir)
     if not question:
         with scope(loaded, loaded.policies["proposer"]):
-            question = ask(loaded.policies["proposer"], image, args)
+            question = ask(loaded.policies["proposer"], image, args, run)
     with scope(loaded, loaded.policies["solver"]):
-        _, rw = solve(loaded.policies["solver"], image, question, args)
+        _, rw = solve(loaded.policies["solver"], image, question, args, run=run)
     print(f"question{'' if args.question else ' (proposer)'}: {question}")
     for i, text in enumerate(rw["texts"], 1):
         print(f"\n--- sample {i}/{args.samples}")
@@ -265,8 +304,10 @@ def gold_forms(row: Row) -> set[str]:
     return gold
 
 
-def eval_row(loaded: Loaded, names: list[str], row: Row, image, args, seed: int) -> dict:
-    """Every model on one row; each starts from the same seed so the columns are paired."""
+def eval_row(loaded: Loaded, names: list[str], row: Row, image, args, seed: int,
+             runs: dict | None = None) -> dict:
+    """Every model on one row; each starts from the same seed so the columns are paired.
+    `runs`: name -> RunSettings (default: the defaults)."""
     results, shared = {}, {}
     gold = gold_forms(row)
     for name in names:
@@ -274,7 +315,8 @@ def eval_row(loaded: Loaded, names: list[str], row: Row, image, args, seed: int)
         seed_all(seed)
         with scope(loaded, policy):
             # The vision tower carries no adapter: encode the image once per backbone.
-            prompt, rw = solve(policy, image, question_text(row), args, shared.get(id(policy.model)))
+            prompt, rw = solve(policy, image, question_text(row), args, shared.get(id(policy.model)),
+                               (runs or {}).get(name))
         shared[id(policy.model)] = prompt.image_features
         s = summary(rw)
         results[name] = {**s, "correct_first": rw["answers_norm"][0] in gold,
@@ -299,15 +341,19 @@ def cmd_eval(args: EvalArgs) -> int:
         out = open(args.out, "w", encoding="utf-8") if args.out else nullcontext()
     except OSError as e:
         raise UserError(f"cannot write --out {args.out}: {first_line(e)}") from e
+    runs = {m: run_settings(None if labels[m] == "base" else s) for m, s in zip(labels, specs)}
+    for m, run in runs.items():
+        print(f"{labels[m]}: step scoring and prompts from {run.source}", file=sys.stderr)
     with out as f:
-        totals = eval_rows(loaded, labels, rows, bad, args, f)
+        totals = eval_rows(loaded, labels, rows, bad, args, f, runs)
     print(format_table(labels, totals, args.samples))
     if bad:
         print(f"skipped {len(bad)} bad row(s)")
     return 0
 
 
-def eval_rows(loaded: Loaded, labels: dict, rows: list, bad: list, args, out) -> dict:
+def eval_rows(loaded: Loaded, labels: dict, rows: list, bad: list, args, out,
+              runs: dict | None = None) -> dict:
     """Per-model result lists; rows whose image fails to decode are added to `bad`."""
     totals = {m: [] for m in labels}
     for i, row in enumerate(tqdm(rows, desc="eval", file=sys.stderr)):
@@ -317,7 +363,7 @@ def eval_rows(loaded: Loaded, labels: dict, rows: list, bad: list, args, out) ->
             bad.append(f"{args.data}:{row.line}: unreadable image {row.image}: {e}")
             print(f"skipping bad row: {bad[-1]}", file=sys.stderr)
             continue
-        results = eval_row(loaded, list(labels), row, image, args, args.seed + i)
+        results = eval_row(loaded, list(labels), row, image, args, args.seed + i, runs)
         for m, r in results.items():
             totals[m].append(r)
         if out is not None:

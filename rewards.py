@@ -80,7 +80,8 @@ def step_agreement_rewards(group: list[int], step_embeddings: list[torch.Tensor]
                            sim_temperature: float) -> tuple[list[float], dict]:
     """Reward samples in the majority-answer `group` (indices into `step_embeddings`, one
     [steps, d] tensor per sample) whose reasoning steps point the same way as the group's
-    average step at each position. Everyone else gets 0."""
+    average step at each position. Everyone else gets 0. `min_group_size` applies twice: to the
+    group, and to each step position (members that have a step there)."""
     n = len(step_embeddings)
     outside = [i for i in group if not 0 <= i < n]
     if outside:
@@ -99,7 +100,8 @@ def step_agreement_rewards(group: list[int], step_embeddings: list[torch.Tensor]
     cosines = []
     for j in range(max(emb[i].shape[0] for i in group)):
         members = [i for i in group if emb[i].shape[0] > j]
-        if len(members) < 2:  # one step alone always agrees with itself: no signal
+        # The published rule: a position counts only when min_group_size members reach it.
+        if len(members) < min_group_size:
             continue
         info["positions_used"] += 1
         centre = F.normalize(torch.stack([emb[i][j] for i in members]).mean(0), dim=-1, eps=1e-12)
@@ -147,13 +149,22 @@ def proposer_reward(entropy: float, mu: float, sigma: float) -> tuple[float, dic
     return r, {"proposer_reward": r, "answer_entropy": float(entropy)}
 
 
-def update_kl_coef(beta: float, kl: float, target: float, rate: float) -> float:
-    """Adaptive KL: beta grows when KL is above target, shrinks below; kept in [1e-8, 100]."""
+def update_kl_coef(beta: float, kl: float, target: float, rate: float,
+                   error_clip: float = 0.2) -> float:
+    """Adaptive KL (Ziegler et al. 2019): e = clip((KL - target)/target, -c, c), then
+    beta <- clip(beta * exp(rate * e), 1e-8, 100). The clip bounds one update to a factor of
+    exp(rate * c): without it, one step at 30x the target multiplies beta by e^2.9.
+    error_clip 0 = the unclipped published rule (exponent capped at +-50, so exp cannot overflow)."""
     if not math.isfinite(kl):
         raise ValueError(f"KL is not finite ({kl}); refusing to update the KL coefficient")
     if target <= 0:
         raise ValueError(f"KL target must be > 0, got {target}")
-    exponent = min(50.0, max(-50.0, rate * (kl - target) / target))  # no overflow in exp
+    if error_clip < 0:
+        raise ValueError(f"KL error clip must be >= 0, got {error_clip}")
+    error = (kl - target) / target
+    if error_clip > 0:
+        error = min(error_clip, max(-error_clip, error))
+    exponent = min(50.0, max(-50.0, rate * error))
     return min(100.0, max(1e-8, beta * math.exp(exponent)))
 
 

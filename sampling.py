@@ -24,11 +24,12 @@ LEAN_DECODE = True  # False: always the HF layers (bench.py --decode hf times wh
 @torch.no_grad()
 def decode(core, head, inputs: dict, mm_kwargs: dict, n: int, max_new_tokens: int,
            temperature: float, top_p: float, suppress: list[int], eos, pad: int,
-           stop=None) -> torch.Tensor:
+           stop=None, top_k: int = 0, repetition_penalty: float = 1.0) -> torch.Tensor:
     """Sampled ids [n, <= max_new_tokens]. `core` is the inner Qwen-VL model (vision + language),
     `head` the lm_head, `inputs` one processed prompt (no padding), `mm_kwargs` its vision inputs.
     Rows that ended keep emitting `pad`, as in HF; `stop` (a StoppingCriteria) is polled every
-    token and ends the loop early when it fires."""
+    token and ends the loop early when it fires. top_k and repetition_penalty act as in HF
+    generate (see sample_token)."""
     pos, _ = core.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"],
                                  image_grid_thw=inputs["image_grid_thw"],
                                  attention_mask=inputs["attention_mask"])
@@ -43,9 +44,17 @@ def decode(core, head, inputs: dict, mm_kwargs: dict, n: int, max_new_tokens: in
     eos = eos_tensor(eos, device)
     banned = torch.tensor(suppress, dtype=torch.long, device=device)
     done = torch.zeros(n, dtype=torch.bool, device=device)
+    # The ids each row has seen so far (prompt included, as HF's input_ids), for the penalty.
+    seen = None
+    if repetition_penalty != 1.0:
+        seen = torch.zeros(n, logits.shape[-1], dtype=torch.bool, device=device)
+        seen[:, inputs["input_ids"][0]] = True
     tokens = []
     for step in range(max_new_tokens):
-        tok = sample_token(logits, temperature, top_p, banned).masked_fill(done, pad)
+        tok = sample_token(logits, temperature, top_p, banned, top_k, repetition_penalty,
+                           seen).masked_fill(done, pad)
+        if seen is not None:
+            seen[torch.arange(n, device=device), tok] = True
         tokens.append(tok)
         done |= torch.isin(tok, eos)
         if step == max_new_tokens - 1 or bool(done.all()):
@@ -98,21 +107,40 @@ def _stepper(lm, head, cache, max_new_tokens: int):
     return hf_step
 
 
-def sample_token(logits: torch.Tensor, temperature: float, top_p: float,
-                 suppress) -> torch.Tensor:
-    """One id per row from softmax(logits / T) within the top-p nucleus (HF's rule: keep a token
-    while the mass ranked above it is < top_p), never a suppressed id. This is the distribution
-    the loss scores: no repetition penalty or other hub generation_config extras."""
+def sample_token(logits: torch.Tensor, temperature: float, top_p: float, suppress,
+                 top_k: int = 0, repetition_penalty: float = 1.0, seen=None) -> torch.Tensor:
+    """One id per row from sampling_probs(...) (inverse-CDF: one uniform per row, where
+    multinomial draws one per vocabulary entry)."""
+    probs = sampling_probs(logits, temperature, top_p, suppress, top_k, repetition_penalty, seen)
+    cdf = probs.double().cumsum(-1)
+    u = torch.rand(cdf.shape[0], 1, dtype=cdf.dtype, device=cdf.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=cdf.shape[1] - 1)
+
+
+def sampling_probs(logits: torch.Tensor, temperature: float, top_p: float, suppress,
+                   top_k: int = 0, repetition_penalty: float = 1.0, seen=None) -> torch.Tensor:
+    """The distribution HF generate(do_sample=True) draws from, in HF's processor order
+    (GenerationMixin._get_logits_processor): repetition penalty on the ids in `seen` (a [n, V]
+    bool mask of the row's prompt + generated ids; logit/p if > 0, logit*p if < 0), then
+    temperature, top-k (ties with the k-th kept), top-p (keep a token while the mass ranked above
+    it is < top_p). Suppressed ids (vision placeholders) never come out. The loss still scores
+    the policy's plain log-prob of the sampled token, as the published code and TRL do."""
     banned = torch.as_tensor(suppress, dtype=torch.long, device=logits.device)  # ids or a tensor
-    probs = (logits.float() / temperature).index_fill(-1, banned, float("-inf")).softmax(-1)
+    scores = logits.float().index_fill(-1, banned, float("-inf"))
+    if repetition_penalty != 1.0 and seen is not None:
+        penalised = torch.where(scores < 0, scores * repetition_penalty, scores / repetition_penalty)
+        scores = torch.where(seen, penalised, scores)
+    scores = scores / temperature
+    if 0 < top_k < scores.shape[-1]:
+        kth = scores.topk(top_k, dim=-1).values[:, -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    probs = scores.softmax(-1)
     if top_p < 1:
         ranked, order = probs.sort(-1, descending=True)
         ranked = ranked.masked_fill(ranked.cumsum(-1) - ranked >= top_p, 0)
         probs = torch.zeros_like(probs).scatter_(-1, order, ranked)
-    # Inverse-CDF draw: one uniform per row (multinomial draws one per vocabulary entry).
-    cdf = probs.double().cumsum(-1)
-    u = torch.rand(cdf.shape[0], 1, dtype=cdf.dtype, device=cdf.device) * cdf[:, -1:]
-    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=cdf.shape[1] - 1)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
 
 
 # ---------------------------------------------------------------- the lean decode step

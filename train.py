@@ -33,7 +33,7 @@ from runtime import keep_freed_memory, rng_state, seed_all, set_rng_state
 from sampling import decode_path
 from vlm import (ROLES, Policy, Prompt, Rollout, _core, acting, build_policies, completion_logits,
                  generate, image_sizing, kl_per_token, make_prompt, reference_logprobs,
-                 step_embedder, token_logprobs)
+                 log_sampling, step_embedder, token_logprobs)
 
 log = logging.getLogger("ireasoner")
 MAX_NONFINITE_IN_A_ROW = 3
@@ -90,17 +90,18 @@ def rollout(cfg: Config, policies: dict, image, stop: Stop, timer=no_timer) -> d
     """Proposer writes a question; the Solver samples N answers in one batched call."""
     proposer, solver = policies["proposer"], policies["solver"]
     with timer("prompts"):
-        p_prompt = make_prompt(proposer, image, proposer_prompt())
+        p_prompt = make_prompt(proposer, image, proposer_prompt(cfg.proposer_prompt_text))
     with timer("proposer_generate"):
         p_roll = generate(proposer, p_prompt, 1, cfg.max_new_tokens_proposer, cfg.temp, cfg.top_p,
-                          stop)
+                          stop, cfg.top_k, cfg.repetition_penalty)
     question = extract_question(p_roll.texts[0])
     shared = p_prompt.image_features if proposer.model is solver.model else None
     with timer("prompts"):
-        s_prompt = make_prompt(solver, image, solver_prompt(question), image_features=shared)
+        s_prompt = make_prompt(solver, image, solver_prompt(question, cfg.solver_prompt_text),
+                               image_features=shared)
     with timer("solver_generate"):
         s_roll = generate(solver, s_prompt, cfg.num_solver_samples, cfg.max_new_tokens_solver,
-                          cfg.temp, cfg.top_p, stop)
+                          cfg.temp, cfg.top_p, stop, cfg.top_k, cfg.repetition_penalty)
     return {"proposer": Episode(p_prompt, p_roll, []), "solver": Episode(s_prompt, s_roll, [])}
 
 
@@ -169,7 +170,7 @@ def train_step(cfg: Config, policies: dict, optimizers: dict, pool: ImagePool, s
                                  "step_reward_weight", "reward_final", "proposer_reward")}}
     s_ep.rewards, p_ep.rewards = rw["reward_final"], [rw["proposer_reward"]]
     rec.update(_update_role(cfg, "solver", policies, optimizers, s_ep, st, dist, timer))
-    rec["proposer_updated"] = step % cfg.proposer_update_freq == 0
+    rec["proposer_updated"] = cfg.proposer_update_freq > 0 and step % cfg.proposer_update_freq == 0
     if rec["proposer_updated"]:
         rec.update(_update_role(cfg, "proposer", policies, optimizers, p_ep, st, dist, timer))
     else:
@@ -199,31 +200,63 @@ def sync_bad_images(pool: ImagePool, st: TrainState, dist: Dist) -> None:
 
 def _update_role(cfg: Config, role: str, policies: dict, optimizers: dict, episode: Episode,
                  st: TrainState, dist: Dist, timer=no_timer) -> dict:
-    """Update one role, then fold every rank's rewards (rank order) into its baseline and adapt
-    its beta with the rank-averaged KL, so both stay identical across ranks."""
+    """Update one role; after each optimizer step fold every rank's rewards of that step (rank
+    order) into its baseline and adapt its beta with the rank-averaged KL, so both stay identical
+    across ranks. batched: one step over all N completions. per_sample (the published order):
+    one step per completion, in sample order, each with the baseline and beta the samples
+    before it left (on several ranks, step i takes every rank's i-th sample)."""
     b, beta = st.baseline[role], st.kl_coef[role]
     # A one-sample group has zero advantage, so the Proposer always uses the running baseline.
     use_group = cfg.baseline == "group" and role == "solver"
-    adv = R.advantages_for(episode.rewards, None if use_group else b)
-    with timer(f"{role}_update"):
-        out = update_policy(cfg, policies[role], optimizers[role], episode, adv, beta, dist)
-    kl = dist.mean(out["kl"])
-    all_rewards = [r for rank_rewards in dist.gather(episode.rewards) for r in rank_rewards]
-    st.baseline[role] = R.update_ema_baseline(b, all_rewards, cfg.baseline_momentum)
-    if out["finite"]:
-        st.kl_coef[role] = R.update_kl_coef(beta, kl, cfg.kl_target, cfg.kl_adapt_rate)
+    group_adv = R.advantages_for(episode.rewards, None)
+    parts = _per_sample(episode) if cfg.update_mode == "per_sample" else [(0, episode)]
+    per = {"baseline": [], "kl_coef": [], "kl": [], "loss": []}
+    for first, part in parts:
+        per["baseline"].append(st.baseline[role])
+        per["kl_coef"].append(st.kl_coef[role])
+        adv = (group_adv[first:first + len(part.rewards)] if use_group
+               else R.advantages_for(part.rewards, st.baseline[role]))
+        with timer(f"{role}_update"):
+            out = update_policy(cfg, policies[role], optimizers[role], part, adv,
+                                st.kl_coef[role], dist)
+        per["kl"].append(dist.mean(out["kl"]))
+        per["loss"].append(out["loss"])
+        all_rewards = [r for rank_rewards in dist.gather(part.rewards) for r in rank_rewards]
+        st.baseline[role] = R.update_ema_baseline(st.baseline[role], all_rewards,
+                                                  cfg.baseline_momentum)
+        _adapt_kl_coef(cfg, role, st, per["kl"][-1], out["finite"])
+    rec = {f"{role}_baseline_before": b, f"{role}_kl": sum(per["kl"]) / len(per["kl"]),
+           f"kl_coef_{role}_before": beta, f"kl_coef_{role}_after": st.kl_coef[role],
+           f"{role}_loss": sum(per["loss"]) / len(per["loss"])}
+    if cfg.update_mode == "per_sample":
+        rec.update({f"{role}_baseline_per_sample": per["baseline"],
+                    f"kl_coef_{role}_per_sample": per["kl_coef"], f"{role}_kl_per_sample": per["kl"]})
+    return rec
+
+
+def _per_sample(episode: Episode) -> list[tuple[int, Episode]]:
+    """(index, one-completion episode) for each sample, in sample order."""
+    roll = episode.rollout
+    return [(i, Episode(episode.prompt, Rollout(roll.texts[i:i + 1], roll.ids[i:i + 1],
+                                                roll.mask[i:i + 1]), [reward]))
+            for i, reward in enumerate(episode.rewards)]
+
+
+def _adapt_kl_coef(cfg: Config, role: str, st: TrainState, kl: float, finite: bool) -> None:
+    """beta follows a finite update's KL; a skipped update is counted, and 3 in a row stop."""
+    if finite:
+        st.kl_coef[role] = R.update_kl_coef(st.kl_coef[role], kl, cfg.kl_target,
+                                            cfg.kl_adapt_rate, cfg.kl_error_clip)
         st.nonfinite_in_a_row = 0
-    else:
-        st.nonfinite_skips += 1
-        st.nonfinite_in_a_row += 1
-        log.warning("non-finite %s loss or gradient: update skipped (%d in a row)", role,
-                    st.nonfinite_in_a_row)
-        if st.nonfinite_in_a_row >= MAX_NONFINITE_IN_A_ROW:
-            raise TrainingError(f"{MAX_NONFINITE_IN_A_ROW} non-finite updates in a row; stopped "
-                                f"without saving. Lower --lr or check the data, then rerun to "
-                                f"resume from the last checkpoint")
-    return {f"{role}_baseline_before": b, f"{role}_kl": kl, f"kl_coef_{role}_before": beta,
-            f"kl_coef_{role}_after": st.kl_coef[role], f"{role}_loss": out["loss"]}
+        return
+    st.nonfinite_skips += 1
+    st.nonfinite_in_a_row += 1
+    log.warning("non-finite %s loss or gradient: update skipped (%d in a row)", role,
+                st.nonfinite_in_a_row)
+    if st.nonfinite_in_a_row >= MAX_NONFINITE_IN_A_ROW:
+        raise TrainingError(f"{MAX_NONFINITE_IN_A_ROW} non-finite updates in a row; stopped "
+                            f"without saving. Lower --lr or check the data, then rerun to "
+                            f"resume from the last checkpoint")
 
 
 # ---------------------------------------------------------------- setup, resume, loop
@@ -253,6 +286,11 @@ def resume(cfg: Config, run_dir: str, policies: dict, optimizers: dict, st: Trai
         if saved["config"][key] != getattr(cfg, key):
             raise UserError(f"{path} was trained with --{key} {saved['config'][key]}, not "
                             f"{getattr(cfg, key)}; use another --wandb_run_name to start afresh")
+    if "prompts" not in saved:
+        log.warning("%s holds no prompt texts (an older checkpoint): cannot check that the "
+                    "prompts are unchanged", path)
+    elif cfg.prompt_mismatch(saved["prompts"]):
+        raise UserError(f"{path} was trained with {cfg.prompt_mismatch(saved['prompts'])}")
     for role in ROLES:
         optimizers[role].load_state_dict(saved["optimizers"][role])
     for key, value in saved["train_state"].items():
@@ -277,7 +315,7 @@ def save(cfg: Config, run_dir: str, policies: dict, optimizers: dict, st: TrainS
     if dist.is_main:
         state = {"step": st.step, "train_state": vars(st).copy(), "rng": rngs,
                  "optimizers": {r: o.state_dict() for r, o in optimizers.items()},
-                 "config": cfg.to_dict(), "world_size": dist.world}
+                 "config": cfg.to_dict(), "prompts": cfg.prompt_texts(), "world_size": dist.world}
         try:
             path = ckpt.save_checkpoint(run_dir, st.step, policies, state, cfg.max_checkpoints)
         except UserError as e:
@@ -331,6 +369,7 @@ def run_training(cfg: Config, dist: Dist) -> int:
         for role, p in policies.items():
             log.info("%s decode path: %s (%s)", role,
                      *decode_path(_core(p.model).language_model, p.model.get_output_embeddings()))
+        log_sampling(cfg, policies)
     st = TrainState(kl_coef={r: cfg.kl_coef for r in ROLES})
     seed_all(cfg.seed + dist.rank)  # different samples on every rank
     resumed = resume(cfg, run_dir, policies, optimizers, st, dist)
@@ -364,7 +403,7 @@ def loop(cfg, run_name, run_dir, policies, optimizers, pool, st, dist) -> int:
                 bar.update(1)
                 bar.set_postfix(reward=f"{np.mean(r['reward_final']):.3f}",
                                 maj=f"{r['dominant_count']}/{cfg.num_solver_samples}",
-                                kl=f"{r['solver_kl']:.2e}")
+                                kl=f"{r['solver_kl']:.2e}", beta=f"{st.kl_coef['solver']:.2e}")
             if step % cfg.save_every == 0 or step == cfg.total_steps:
                 save(cfg, run_dir, policies, optimizers, st, rng, dist)
                 saved_step = step

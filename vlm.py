@@ -208,21 +208,62 @@ class Rollout:
 
 @torch.no_grad()
 def generate(policy: Policy, prompt: Prompt, n: int, max_new_tokens: int, temperature: float,
-             top_p: float, stop=None) -> Rollout:
+             top_p: float, stop=None, top_k: int | None = None,
+             repetition_penalty: float | None = None) -> Rollout:
     """Sample n completions of one prompt, batched; return text and the sampled ids.
-    `stop` is an optional StoppingCriteria (the trainer's signal flag), polled every token."""
+    `stop` is an optional StoppingCriteria (the trainer's signal flag), polled every token.
+    top_k / repetition_penalty None: the model's generation_config values (sampling_settings)."""
+    top_k, repetition_penalty, _ = sampling_settings(policy, top_k, repetition_penalty)
     with acting(policy) as model:
         model.eval()
         eos = model.generation_config.eos_token_id
         # Our own loop (sampling.py): the prompt runs once, not n times, and the per-token
-        # overhead is a fraction of HF generate's. Plain softmax(logits / T) within top-p.
+        # overhead is a fraction of HF generate's. HF's processors, in HF's order.
         ids = decode(_core(model), model.get_output_embeddings(), prompt.inputs,
                      _mm_kwargs(prompt, 1), n, max_new_tokens, temperature, top_p,
-                     suppressed_ids(policy.processor), eos, _pad_id(policy), stop)
+                     suppressed_ids(policy.processor), eos, _pad_id(policy), stop,
+                     top_k, repetition_penalty)
     mask = completion_mask(ids, eos)
     texts = policy.processor.tokenizer.batch_decode(ids * mask + _pad_id(policy) * (1 - mask),
                                                    skip_special_tokens=True)
     return Rollout(texts, ids, mask)
+
+
+# What HF generate uses when neither the call nor the model's generation_config sets a value.
+HF_DEFAULT_TOP_K, HF_DEFAULT_REPETITION_PENALTY = 50, 1.0
+
+
+def sampling_settings(policy: Policy, top_k: int | None = None,
+                      repetition_penalty: float | None = None) -> tuple[int, float, str]:
+    """(top_k, repetition_penalty, where they came from): a value given wins; else the model's
+    generation_config (generation_config.json, as HF generate merges it); else HF's default.
+    The published code passed only temperature and top_p, so it sampled with these."""
+    gen = policy.model.generation_config
+    chosen, sources = [], []
+    for name, given, default in (("top_k", top_k, HF_DEFAULT_TOP_K),
+                                 ("repetition_penalty", repetition_penalty,
+                                  HF_DEFAULT_REPETITION_PENALTY)):
+        from_model = getattr(gen, name, None)
+        if given is not None:
+            chosen.append(given), sources.append(f"{name} {given} (flag)")
+        elif from_model is not None:
+            chosen.append(from_model), sources.append(f"{name} {from_model} (generation_config)")
+        else:
+            chosen.append(default), sources.append(f"{name} {default} (HF default)")
+    return int(chosen[0]), float(chosen[1]), ", ".join(sources)
+
+
+def log_sampling(cfg, policies: dict) -> None:
+    """The effective sampling settings, logged once at start: top_k and repetition_penalty may
+    come from the model's generation_config, which the user never typed."""
+    for role, policy in policies.items():
+        top_k, _, source = sampling_settings(policy, cfg.top_k, cfg.repetition_penalty)
+        log.info("%s sampling: temperature %g, top_p %g, %s", role, cfg.temp, cfg.top_p, source)
+        if top_k == 1:
+            log.warning("%s: top_k 1 samples greedily, so all answers are the same; pass "
+                        "--top_k 0 (off) or a larger value", role)
+    log.info("update: %s; proposer %s", cfg.update_mode,
+             f"every {cfg.proposer_update_freq} steps" if cfg.proposer_update_freq else "never")
 
 
 def _pad_id(policy: Policy) -> int:
@@ -366,8 +407,13 @@ def load_policy(policy: Policy, path: str) -> None:
 
 
 def image_sizing(processor, max_pixels: int) -> tuple[int, int, int]:
-    """(min_pixels, max_pixels, factor) the processor accepts without resizing again."""
+    """(min_pixels, max_pixels, factor) the processor accepts without resizing again.
+    max_pixels 0: the processor's own limit, as the published code (which let the processor
+    size images) had it; a positive value caps it."""
     ip = processor.image_processor
     size = ip.size or {}
-    upper = min(max_pixels, size.get("longest_edge", max_pixels))
+    own = size.get("longest_edge") or getattr(ip, "max_pixels", None)
+    if not max_pixels and not own:
+        raise ValueError(f"{type(ip).__name__} names no max_pixels of its own: pass --max_pixels")
+    upper = min(max_pixels, own) if max_pixels and own else (max_pixels or own)
     return size.get("shortest_edge", 56 * 56), upper, ip.patch_size * ip.merge_size

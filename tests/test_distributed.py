@@ -3,6 +3,7 @@
     python -m pytest tests/test_distributed.py
 """
 import json
+import math
 import os
 import subprocess
 import sys
@@ -124,3 +125,27 @@ def test_error_exit_closes_the_group_on_both_ranks(tmp_path):
     proc = torchrun([os.path.join(ROOT, "tests", "ddp_exit.py"), *args], returncode=1)
     assert exits(proc) == {0: (2, False), 1: (2, False)}
     assert "--device_map local" in proc.stderr
+
+
+def test_per_sample_updates_stay_identical_across_ranks(tiny_model, image_dir, tmp_path):
+    """--update_mode per_sample with 2 ranks: optimizer step i averages both ranks' i-th answers;
+    the baseline folds those two rewards in rank order, beta follows their mean KL."""
+    args = train_args(tiny_model, image_dir, str(tmp_path), "ps", steps=2, lr="0.01",
+                      update_mode="per_sample", num_solver_samples="3")
+    torchrun([os.path.join(ROOT, "train.py"), *args])
+    records = read_log(tmp_path / "ps" / "iter_log.jsonl")
+    assert [(r["step"], r["rank"]) for r in records] == [(1, 0), (1, 1), (2, 0), (2, 1)]
+    b, beta = 0.0, 1e-3
+    for r0, r1 in zip(records[::2], records[1::2]):
+        for key in ("solver_baseline_per_sample", "kl_coef_solver_per_sample",
+                    "solver_kl_per_sample", "solver_param_checksum"):
+            assert r0[key] == r1[key], key
+        for i in range(3):
+            assert r0["solver_baseline_per_sample"][i] == pytest.approx(b, abs=1e-12)
+            assert r0["kl_coef_solver_per_sample"][i] == pytest.approx(beta, rel=1e-12)
+            for reward in (r0["reward_final"][i], r1["reward_final"][i]):
+                b = 0.9 * b + 0.1 * reward
+            error = min(0.2, max(-0.2, (r0["solver_kl_per_sample"][i] - 0.02) / 0.02))
+            beta = beta * math.exp(0.1 * error)
+    state = torch.load(tmp_path / "ps" / "step_00002" / "trainer_state.pt", weights_only=False)
+    assert {int(s["step"]) for s in state["optimizers"]["solver"]["state"].values()} == {6}

@@ -64,13 +64,48 @@ def test_normalize_answer():
     assert normalize_answer("(b)") == "b"
     assert normalize_answer("`3`") == "3"
     assert normalize_answer("two   \n  words") == "two words"
-    assert normalize_answer("-5.") == "-5"      # a leading sign is part of the number
-    assert normalize_answer(".5") == ".5"
-    assert normalize_answer("\uff14\uff12") == "42"  # full-width digits
+    assert normalize_answer("\uff14\uff12") == "42"  # full-width digits (NFKC)
     assert normalize_answer("Ünïcode…") == "ünïcode"
     assert normalize_answer("...!!!") == ""
     assert normalize_answer("") == ""
-    assert normalize_answer("\ufffd") == "\ufffd"
+    assert normalize_answer("\ufffd") == ""  # a symbol (So), stripped like any other
+
+
+def test_normalize_answer_published_rule_merges_symbols_at_the_ends():
+    # $5, 5, 5., +5, (5) and "5" are one answer (the published rule); inner symbols stay
+    for form in ("$5", "5", "5.", "+5", "(5)", '"5"', " 5 ", "5%", "<5>", "=5", "[5]!", "€5",
+                 "\u00a35", "5\u00b0", "\u27e85\u27e9", "*5*", "~5~", "^5|"):
+        assert normalize_answer(form) == "5", form
+    assert normalize_answer("x + y = 3") == "x + y = 3"
+    assert normalize_answer("$5.50") == "5.50"
+    assert normalize_answer("1,234,567") == "1234567"          # commas removed anywhere
+    assert normalize_answer("A\tB\u3000C") == "a b c"            # unicode space collapsed
+    assert normalize_answer("\uff04\uff15") == "5"               # full-width $5 -> $5 -> 5
+    assert normalize_answer("\u2460") == "1"                      # circled 1 -> 1 (NFKC)
+    assert normalize_answer("ＡＢＣ") == "abc"
+    assert normalize_answer(".5") == "5"                         # a leading point is stripped
+
+
+def test_normalize_answer_keeps_a_leading_minus_before_a_number():
+    assert normalize_answer("-5") == "-5" != normalize_answer("5")
+    assert normalize_answer("-5.") == "-5"
+    assert normalize_answer("(-5)") == "-5"
+    assert normalize_answer("$-5") == "-5"
+    assert normalize_answer("-.5") == "-.5"
+    assert normalize_answer("\u22125") == "-5"                    # unicode minus sign
+    assert normalize_answer("\uff0d5") == "-5"                    # full-width hyphen (NFKC)
+    assert normalize_answer("- 5") == "5"                        # not directly before: stripped
+    assert normalize_answer("-$5") == "5"
+    assert normalize_answer("-x") == "x"
+    assert normalize_answer("5-") == "5"
+
+
+def test_normalized_symbol_forms_give_one_answer_and_full_reward():
+    rewards, info = outcome_rewards(["<answer>$5</answer>", "<answer>$5</answer>",
+                                     "<answer>5</answer>", "<answer>5.</answer>",
+                                     "<answer>+5</answer>"], 0.7, 0.05, 64)
+    assert info["answers_norm"] == ["5"] * 5
+    assert rewards == [1.0] * 5 and info["answer_entropy"] == 0.0
 
 
 def test_count_pre_answer_words():

@@ -206,16 +206,74 @@ def test_proposer_reward_gaussian():
     assert r == approx(0.135335, abs=1e-6)  # exp(-2)
 
 
+def test_min_step_group_size_applies_per_position():
+    # Group 0,1,2 of N=4. Position 0: all three have e=(1,0) -> cos 1, u 1. Position 1: only
+    # samples 0 and 1 have a step, (1,0) and (0,1): centre (1,1)/sqrt2, cos 1/sqrt2.
+    e, a, b = torch.tensor([1.0, 0.0]), torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    embs = [torch.stack([e, a]), torch.stack([e, b]), e[None], torch.zeros(0, 2)]
+    # density = (3/4)**0.7 = 0.817604
+    # min 3: position 1 (2 members) is skipped -> r = 1 * density = 0.817604 for all three
+    r, info = step_agreement_rewards([0, 1, 2], embs, 3, 0.7, 0.15, 1.0)
+    assert r == [approx(0.817604, abs=1e-6)] * 3 + [0.0]
+    assert info["positions_used"] == 1
+    # min 2: position 1 counts for 0 and 1: u = (1 + 0.707107)/2 = 0.853553, w1 = e^-0.15
+    # = 0.860708; (1 + 0.860708*0.853553)/(1 + 0.860708) = 0.932258; * density = 0.762218
+    r, info = step_agreement_rewards([0, 1, 2], embs, 2, 0.7, 0.15, 1.0)
+    assert r == [approx(0.762218, abs=1e-6), approx(0.762218, abs=1e-6),
+                 approx(0.817604, abs=1e-6), 0.0]
+    assert info["positions_used"] == 2
+    # min 4 > group size 3: no step rewards at all
+    assert step_agreement_rewards([0, 1, 2], embs, 4, 0.7, 0.15, 1.0)[0] == [0.0] * 4
+
+
 def test_update_kl_coef():
     # exponent = 0.1*(0.04-0.02)/0.02 = 0.1 -> 0.001*e^0.1
-    assert update_kl_coef(0.001, 0.04, 0.02, 0.1) == approx(0.00110517, rel=1e-6)
-    assert update_kl_coef(0.001, 0.0, 0.02, 0.1) == approx(0.000904837, rel=1e-6)  # e^-0.1
+    assert update_kl_coef(0.001, 0.04, 0.02, 0.1, 0) == approx(0.00110517, rel=1e-6)
+    assert update_kl_coef(0.001, 0.0, 0.02, 0.1, 0) == approx(0.000904837, rel=1e-6)  # e^-0.1
+    # default clip 0.2: the error 1 is clipped to 0.2 -> e^0.02
+    assert update_kl_coef(0.001, 0.04, 0.02, 0.1) == approx(0.001 * 1.02020134, rel=1e-7)
     assert update_kl_coef(0.001, 0.02, 0.02, 0.1) == approx(0.001)  # on target: unchanged
-    assert update_kl_coef(50.0, 2.0, 0.02, 0.1) == 100.0             # clipped high
+    assert update_kl_coef(50.0, 2.0, 0.02, 0.1, 0) == 100.0          # clipped high
     assert update_kl_coef(1e-8, 0.0, 0.02, 5.0) == 1e-8              # clipped low
-    assert update_kl_coef(1.0, 1e300, 0.02, 0.1) == 100.0             # exp does not overflow
+    assert update_kl_coef(1.0, 1e300, 0.02, 0.1, 0) == 100.0          # exp does not overflow
     with pytest.raises(ValueError):
         update_kl_coef(1.0, math.nan, 0.02, 0.1)
+    with pytest.raises(ValueError):
+        update_kl_coef(1.0, 0.01, 0.02, 0.1, -0.2)
+
+
+def kl_sequence(trace, clip):
+    beta, betas = 1e-3, []
+    for kl in trace:
+        beta = update_kl_coef(beta, kl, 0.02, 0.1, clip)
+        betas.append(beta)
+    return betas
+
+
+def test_kl_spike_with_default_clip_moves_beta_by_e_to_the_0_02_at_most():
+    # errors (0.01-0.02)/0.02 = -0.5 -> -0.2; (1.0-0.02)/0.02 = 49 -> +0.2; exponent = 0.1*e
+    # 1e-3 * e^-0.02 = 9.8019867e-4, * e^-0.02 = 9.6078944e-4, * e^+0.02, * e^-0.02
+    assert kl_sequence([0.01, 0.01, 1.0, 0.01], 0.2) == [
+        approx(9.8019867e-4, rel=1e-7), approx(9.6078944e-4, rel=1e-7),
+        approx(9.8019867e-4, rel=1e-7), approx(9.6078944e-4, rel=1e-7)]
+
+
+def test_kl_spike_with_clip_0_is_the_published_rule():
+    # exponents -0.05, -0.05, 0.1*49 = 4.9, -0.05: 1e-3*e^-0.05, e^-0.1, e^4.8, e^4.75
+    assert kl_sequence([0.01, 0.01, 1.0, 0.01], 0) == [
+        approx(9.5122942e-4, rel=1e-7), approx(9.0483742e-4, rel=1e-7),
+        approx(0.12151042, rel=1e-7), approx(0.11558428, rel=1e-7)]
+
+
+@pytest.mark.parametrize("kl", [0.0, 1e-6, 0.019, 0.021, 0.05, 0.61, 30.0, 1e12])
+@pytest.mark.parametrize("rate,clip", [(0.1, 0.2), (1.0, 0.2), (0.5, 1.0)])
+def test_one_update_changes_beta_by_at_most_exp_rate_times_clip(kl, rate, clip):
+    for beta in (1e-4, 0.054, 4.1):
+        ratio = update_kl_coef(beta, kl, 0.02, rate, clip) / beta
+        bound = math.exp(rate * clip)
+        assert 1 / bound * (1 - 1e-12) <= ratio <= bound * (1 + 1e-12)
+    # and the bound is reached: far above / below target moves by exactly the factor
+    assert update_kl_coef(0.054, 0.61, 0.02, rate, clip) == approx(0.054 * math.exp(rate * clip))
 
 
 def test_update_ema_baseline():

@@ -170,3 +170,87 @@ def test_rows_after_eos_emit_pad_and_stop_ends_early(solver):
     assert ended.shape[1] == int(first.max()) + 1  # the loop ends when the last row has
     for row, end in zip(ended, first):
         assert (row[end + 1:] == 2).all()
+
+
+# ---------------------------------------------------------------- top-k, repetition penalty
+def test_sampling_probs_apply_hf_processors_in_hf_order():
+    # HF generate(do_sample=True) runs repetition penalty, then temperature, top-k, top-p.
+    from transformers.generation.logits_process import (LogitsProcessorList,
+                                                        RepetitionPenaltyLogitsProcessor,
+                                                        TemperatureLogitsWarper, TopKLogitsWarper)
+    torch.manual_seed(0)
+    logits = torch.randn(3, 40) * 2
+    input_ids = torch.randint(0, 40, (3, 12))
+    seen = torch.zeros(3, 40, dtype=torch.bool).scatter_(1, input_ids, True)
+    for penalty, temperature, top_k, top_p in [(1.3, 0.7, 5, 0.9), (1.05, 1.0, 50, 1.0),
+                                               (2.0, 1.5, 0, 0.8), (1.0, 1.0, 3, 1.0)]:
+        hf = LogitsProcessorList(
+            ([RepetitionPenaltyLogitsProcessor(penalty)] if penalty != 1 else [])
+            + ([TemperatureLogitsWarper(temperature)] if temperature != 1 else [])
+            + ([TopKLogitsWarper(top_k)] if top_k else [])
+            + ([TopPLogitsWarper(top_p)] if top_p < 1 else []))(input_ids, logits.clone())
+        ours = sampling.sampling_probs(logits, temperature, top_p, [], top_k, penalty, seen)
+        assert torch.allclose(ours, hf.softmax(-1), atol=1e-6), (penalty, temperature, top_k)
+
+
+def test_top_k_3_samples_only_the_steps_3_highest_logits(solver, monkeypatch):
+    policy, prompt = solver
+    seen_steps = []
+    real = sampling.sample_token
+
+    def recording(logits, *args):
+        tok = real(logits, *args)
+        seen_steps.append((logits.clone(), tok))
+        return tok
+
+    monkeypatch.setattr(sampling, "sample_token", recording)
+    torch.manual_seed(5)
+    roll = vlm.generate(policy, prompt, 5, 16, 1.5, 1.0, top_k=3, repetition_penalty=1.0)
+    assert len(seen_steps) >= 8 and roll.ids.shape[0] == 5
+    distinct = set()
+    for logits, tok in seen_steps:
+        top3 = logits.topk(3, dim=-1).indices
+        assert (top3 == tok[:, None]).any(1).all()
+        distinct.update(tok.tolist())
+    assert len(distinct) > 3  # it sampled, not a greedy pick
+
+
+def test_repetition_penalty_sees_prompt_and_generated_ids(solver, monkeypatch):
+    policy, prompt = solver
+    masks, toks = [], []
+    real = sampling.sample_token
+
+    def recording(logits, temperature, top_p, banned, top_k, penalty, seen):
+        masks.append(seen.clone())
+        tok = real(logits, temperature, top_p, banned, top_k, penalty, seen)
+        toks.append(tok)
+        return tok
+
+    monkeypatch.setattr(sampling, "sample_token", recording)
+    torch.manual_seed(2)
+    vlm.generate(policy, prompt, 3, 6, 1.0, 1.0, top_k=0, repetition_penalty=1.2)
+    prompt_ids = set(prompt.inputs["input_ids"][0].tolist())
+    for step, seen in enumerate(masks):
+        for row in range(3):
+            expected = prompt_ids | {int(t[row]) for t in toks[:step]}
+            assert set(seen[row].nonzero().squeeze(1).tolist()) == expected
+
+
+def test_top_k_and_penalty_come_from_the_generation_config(tiny_model, tmp_path):
+    import json
+    import shutil
+    model_dir = str(tmp_path / "with-gen-config")
+    shutil.copytree(tiny_model, model_dir)
+    path = f"{model_dir}/generation_config.json"
+    with open(path) as f:
+        gen = json.load(f)
+    assert "top_k" not in gen and "repetition_penalty" not in gen
+    plain = vlm.Policy("solver", vlm.load_backbone(tiny_model, "float32", "cpu", "sdpa")[0], None)
+    assert vlm.sampling_settings(plain)[:2] == (50, 1.0)  # HF's defaults
+    assert "top_k 50 (HF default)" in vlm.sampling_settings(plain)[2]
+    with open(path, "w") as f:
+        json.dump({**gen, "top_k": 3, "repetition_penalty": 1.05}, f)
+    policy = vlm.Policy("solver", vlm.load_backbone(model_dir, "float32", "cpu", "sdpa")[0], None)
+    top_k, penalty, source = vlm.sampling_settings(policy)
+    assert (top_k, penalty) == (3, 1.05) and "top_k 3 (generation_config)" in source
+    assert vlm.sampling_settings(policy, 0, 1.0)[:2] == (0, 1.0)  # flags win
