@@ -248,15 +248,18 @@ def resume(cfg: Config, run_dir: str, policies: dict, optimizers: dict, st: Trai
         if dist.is_main:  # killed before its first checkpoint: every logged step will be redone
             ckpt.truncate_log(os.path.join(run_dir, "iter_log.jsonl"), 0)
         return None
-    saved = ckpt.load_checkpoint(path, policies)
-    for key in ("solver_model", "proposer_model", "use_lora_solver", "use_lora_proposer"):
-        if saved["config"][key] != getattr(cfg, key):
-            raise UserError(f"{path} was trained with --{key} {saved['config'][key]}, not "
-                            f"{getattr(cfg, key)}; use another --wandb_run_name to start afresh")
+    # Validated against this run's own state and optimizers before anything is applied.
+    saved = ckpt.load_checkpoint(path, policies, optimizers, template=vars(st))
+    changed = ckpt.changed_flags(path, saved["config"], cfg.to_dict())
+    if changed and dist.is_main:
+        log.warning("resuming %s with changed flags (the new values apply): %s", path,
+                    ", ".join(changed))
     for role in ROLES:
         optimizers[role].load_state_dict(saved["optimizers"][role])
-    for key, value in saved["train_state"].items():
-        setattr(st, key, value)
+        for group in optimizers[role].param_groups:  # the flags given now win over saved ones
+            group["lr"], group["weight_decay"] = cfg.lr, cfg.weight_decay
+    for key in vars(st):
+        setattr(st, key, saved["train_state"][key])
     rngs = saved["rng"]
     set_rng_state(rngs[dist.rank] if dist.rank < len(rngs) else rngs[0])
     if dist.rank >= len(rngs):
