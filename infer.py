@@ -46,9 +46,9 @@ class _Parser(HfArgumentParser):
         raise UserError(f"{self.prog}: {message}")
 
 
-def parse_args(command: str, argv: list[str]):
+def parse_args(command: str, argv: list[str], dataclass_type=None):
     """The command's options dataclass; every mistake in argv is a UserError."""
-    parser = _Parser(COMMAND_ARGS[command], prog=f"run.py {command}",
+    parser = _Parser(dataclass_type or COMMAND_ARGS[command], prog=f"run.py {command}",
                      description=__doc__.split("\n")[0])
     try:
         args, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
