@@ -35,7 +35,7 @@ DONE_FILE = "SAVE_OK"
 # as a RuntimeError ("unexpected pos"), safetensors as SafetensorError, plain files as OSError.
 WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
 # What a truncated or garbled weights file raises on load.
-READ_ERRORS = (OSError, EOFError, SafetensorError)
+READ_ERRORS = (OSError, EOFError, SafetensorError, pickle.UnpicklingError)  # a refused .bin
 # For weights, these mean the tensors do not fit this model (a shape or key mismatch), which an
 # older checkpoint of the same run would not fix.
 MISMATCH_ERRORS = (RuntimeError, ValueError)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import shutil
 import sys
 from contextlib import contextmanager, nullcontext
@@ -112,7 +113,7 @@ def load_models(args, adapters: dict) -> Loaded:
                     root.load_adapter(path, adapter_name=name)
                 else:
                     root = PeftModel.from_pretrained(base, path, adapter_name=name)
-            except (OSError, ValueError, KeyError, RuntimeError) as e:
+            except (OSError, ValueError, KeyError, RuntimeError, pickle.UnpicklingError) as e:
                 raise UserError(f"cannot load adapter {path} onto {args.model}: "
                                 f"{first_line(e)}") from e
             policies[name] = vlm.Policy(name, root, processor, adapter=name)
@@ -353,7 +354,7 @@ def cmd_export(args) -> int:
     base, processor = load_base(args.model, args, export=True)
     try:
         merged = PeftModel.from_pretrained(base, args.adapter).merge_and_unload()
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
+    except (OSError, ValueError, KeyError, RuntimeError, pickle.UnpicklingError) as e:
         raise UserError(f"cannot load adapter {args.adapter} onto {args.model}: "
                         f"{first_line(e)}") from e
     # Written next to the target and renamed, so --out is either complete or absent.

@@ -178,3 +178,23 @@ def test_old_format_converts_and_resumes_exactly_only_with_opt_in(saved_run, tin
     assert train.main(argv) == 0
     assert "resuming from" in capsys.readouterr().out
     assert read_log(run_dir) == read_log(saved_run)  # step 2 redone exactly as the first time
+
+
+@pytest.mark.parametrize("command", ["infer", "export"])
+def test_infer_and_export_never_unpickle_an_adapter(command, saved_run, tiny_model, image_dir,
+                                                    tmp_path, capsys):
+    """An adapter folder carrying a hostile adapter_model.bin instead of safetensors: peft and
+    transformers load .bin files with weights_only=True, which refuses it; one line, exit 2."""
+    adapter = str(tmp_path / "solver")
+    shutil.copytree(os.path.join(saved_run, "step_00002", "solver"), adapter)
+    os.remove(os.path.join(adapter, "adapter_model.safetensors"))
+    marker = str(tmp_path / "pwned")
+    with open(os.path.join(adapter, "adapter_model.bin"), "wb") as f:
+        pickle.dump({"w": CreatesFile(marker)}, f)
+    image = next(os.path.join(d, f) for d, _, files in sorted(os.walk(image_dir)) for f in files)
+    extra = (["--image", image, "--question", "q?", "--samples", "1", "--max_new_tokens", "2"]
+             if command == "infer" else ["--out", str(tmp_path / "merged")])
+    code = run.main([command, "--model", tiny_model, "--adapter", adapter, *extra])
+    lines = error_lines(capsys.readouterr().err)
+    assert code == 2 and len(lines) == 1 and adapter in lines[0], lines
+    assert not os.path.exists(marker)
