@@ -172,18 +172,25 @@ class ImagePool:
             consecutive += 1
             if len(self.bad) == n:
                 raise UserError(f"no readable image in {self.data_dir}: all {n} files failed to "
-                                f"load (e.g. {path}: {self.bad[path]})")
+                                f"load (e.g. {path}: {self.bad[path]})", local=True)
             if failures >= budget:
                 raise UserError(f"{consecutive} consecutive unreadable images in {self.data_dir} "
                                 f"starting at position {index} (last: {path}: {self.bad[path]}); "
-                                f"check the data folder")
+                                f"check the data folder", local=True)
         raise AssertionError("unreachable: 2n positions cover every path")
 
 
-def _scan(data_dir: str, include: list[str]) -> list[str]:
+def check_data_dir(data_dir: str) -> None:
+    """Cheap checks, made before a run folder is created or locked."""
+    if not data_dir:
+        raise UserError("--data_dir is required: the folder of unlabeled training images")
     if not os.path.isdir(data_dir):
         what = "does not exist" if not os.path.exists(data_dir) else "is not a directory"
         raise UserError(f"--data_dir {data_dir} {what}")
+
+
+def _scan(data_dir: str, include: list[str]) -> list[str]:
+    check_data_dir(data_dir)
     subfolders = sorted(e.name for e in os.scandir(data_dir)
                         if not e.name.startswith(".") and e.is_dir())  # is_dir follows symlinks
     missing = [name for name in include if name not in subfolders]

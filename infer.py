@@ -31,6 +31,7 @@ from config import Config, EvalArgs, ExportArgs, InferArgs
 from data_and_utils import (BadImage, extract_answer, extract_question, extract_steps, load_image,
                             normalize_answer, proposer_prompt, solver_prompt)
 from errors import UserError, first_line
+from logs import json_line
 from runtime import seed_all
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -324,7 +325,7 @@ def eval_rows(loaded: Loaded, labels: dict, rows: list, bad: list, args, out) ->
         if out is not None:
             record = {"line": row.line, "image": row.image, "question": row.question,
                       "answer": row.answer, "results": {labels[m]: r for m, r in results.items()}}
-            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+            out.write(json_line(record))  # strict JSON: no bare NaN
     return totals
 
 

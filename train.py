@@ -25,10 +25,12 @@ from transformers import StoppingCriteria
 import checkpoint as ckpt
 import rewards as R
 from config import Config, parse_config
-from data_and_utils import ImagePool, extract_question, proposer_prompt, solver_prompt
+from data_and_utils import (ImagePool, check_data_dir, extract_question, proposer_prompt,
+                            solver_prompt)
 from distributed import Dist
-from errors import TrainingError, UserError
+from errors import TrainingError, UserError, first_line, report
 from logs import append_log, log_wandb, start_wandb
+from runlock import run_lock
 from runtime import keep_freed_memory, rng_state, seed_all, set_rng_state
 from sampling import decode_path
 from vlm import (ROLES, Policy, Prompt, Rollout, _core, acting, build_policies, completion_logits,
@@ -324,10 +326,19 @@ def train(cfg: Config) -> int:
 
 def run_training(cfg: Config, dist: Dist) -> int:
     resolve_device_map(cfg, dist)
-    pool = ImagePool(cfg.data_dir, cfg.include_subfolders_list, cfg.seed, cfg.max_pixels)
+    check_data_dir(cfg.data_dir)  # before a run folder is made for nothing
     run_name = dist.broadcast(cfg.wandb_run_name or time.strftime("run-%Y%m%d-%H%M%S"))
     run_dir = os.path.join(cfg.output_dir, run_name)
-    os.makedirs(run_dir, exist_ok=True)
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create run folder {run_dir} ({first_line(e)})") from e
+    with run_lock(run_dir, run_name, dist):  # one trainer per run folder, until exit
+        return run_locked(cfg, dist, run_name, run_dir)
+
+
+def run_locked(cfg: Config, dist: Dist, run_name: str, run_dir: str) -> int:
+    pool = ImagePool(cfg.data_dir, cfg.include_subfolders_list, cfg.seed, cfg.max_pixels)
     seed_all(cfg.seed)  # identical LoRA init on every rank
     policies, optimizers = build_models(cfg, pool)
     if dist.is_main:  # which decode step sampling runs, and why: a slow path must not be silent
@@ -390,18 +401,19 @@ def loop(cfg, run_name, run_dir, policies, optimizers, pool, st, dist) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    # errors.report: one `error:` line per run, however many ranks raise it
     try:
         cfg = parse_config(argv)
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+        report(e)
         return 2
     try:
         return train(cfg)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        report(e)
         return 2
     except TrainingError as e:
-        print(f"error: {e}", file=sys.stderr)
+        report(e)
         return 1
 
 

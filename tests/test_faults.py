@@ -28,7 +28,7 @@ import checkpoint as ckpt  # noqa: E402
 import statefile  # noqa: E402
 import train  # noqa: E402
 from config import parse_config  # noqa: E402
-from conftest import ENV, train_args  # noqa: E402
+from conftest import ENV, strict_json_lines, train_args  # noqa: E402
 from distributed import Dist  # noqa: E402
 
 # Long Solver answers make step 3's rollout long enough to be hit by a signal reliably.
@@ -407,7 +407,10 @@ def test_one_nonfinite_update_is_skipped_and_counted(tiny_model, image_dir, tmp_
     assert run_inprocess(argv) == 0
     log = read_log(run_dir)
     assert [r["nonfinite_skips"] for r in log] == [0, 1, 1]
-    assert json.dumps(log[1]["solver_loss"]) == "NaN"
+    # strict JSON: the NaN loss is null, and the record says what it was
+    assert log[1]["solver_loss"] is None and log[1]["nonfinite"]["solver_loss"] == "NaN"
+    assert "nonfinite" not in log[0] and "nonfinite" not in log[2]
+    assert strict_json_lines(os.path.join(run_dir, "iter_log.jsonl")) == log
     assert any("non-finite solver" in r.getMessage() for r in caplog.records)
     adapter = lambda step, role: load_file(  # noqa: E731
         os.path.join(run_dir, f"step_{step:05d}", role, "adapter_model.safetensors"))
