@@ -339,6 +339,9 @@ def run_training(cfg: Config, dist: Dist) -> int:
 
 def run_locked(cfg: Config, dist: Dist, run_name: str, run_dir: str) -> int:
     pool = ImagePool(cfg.data_dir, cfg.include_subfolders_list, cfg.seed, cfg.max_pixels)
+    if len(set(dist.gather(pool.fingerprint()))) > 1:  # the seeded order needs one path list
+        raise UserError(f"the ranks found different image lists in {cfg.data_dir} (files added "
+                        f"or removed while scanning?); rerun once the folder is stable")
     seed_all(cfg.seed)  # identical LoRA init on every rank
     policies, optimizers = build_models(cfg, pool)
     if dist.is_main:  # which decode step sampling runs, and why: a slow path must not be silent
