@@ -185,11 +185,14 @@ class Config:
                f"--step_reward_warmup must be in [0, 1), got {self.step_reward_warmup}")
         for name in ("step_reward_weight_start", "step_reward_weight_end"):
             _check(0 <= getattr(self, name) <= 1, f"--{name} must be in [0, 1]")
-        _check(self.freeze_vision or not (self.use_lora_solver or self.use_lora_proposer),
-               "--no_freeze_vision trains the vision tower in full, but LoRA roles share the frozen "
-               "base as their reference: drop --no_freeze_vision or turn LoRA off")
-        _check(bool(self.lora_targets_list) or not (self.use_lora_solver or self.use_lora_proposer),
-               "--lora_targets is empty: name at least one module, e.g. q_proj,v_proj")
+        lora_flags = " and ".join(f"--use_lora_{r}" for r in ("solver", "proposer")
+                                  if getattr(self, f"use_lora_{r}"))
+        _check(self.freeze_vision or not lora_flags,
+               f"--no_freeze_vision conflicts with {lora_flags}: it trains the vision tower in "
+               f"full, but LoRA roles share the frozen base as their reference; drop one of them")
+        _check(bool(self.lora_targets_list) or not lora_flags,
+               f"--lora_targets is empty but {lora_flags} is set: name at least one module, "
+               f"e.g. q_proj,v_proj")
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -305,3 +308,12 @@ class EvalArgs(SampleArgs):
         # argparse's append of a nargs="+" flag gives one list per --adapter: flatten them.
         self.adapter = [a for group in self.adapter
                         for a in (group if isinstance(group, list) else [group])]
+
+
+@dataclass(kw_only=True)
+class ConvertArgs:
+    """`run.py convert-checkpoint DIR --trust-pickle`: old pickled trainer state -> plain data."""
+    path: str = _help("A step_NNNNN checkpoint folder, or a run folder (converts each old one).")
+    trust_pickle: bool = _help("Load the old pickled trainer_state.pt, which runs any code it "
+                               "carries: only for checkpoints whose origin you trust.",
+                               default=False)

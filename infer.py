@@ -16,6 +16,7 @@ import copy
 import json
 import logging
 import os
+import pickle
 import shutil
 import sys
 from contextlib import contextmanager, nullcontext
@@ -32,6 +33,7 @@ from config import Config, EvalArgs, ExportArgs, InferArgs
 from data_and_utils import (BadImage, extract_answer, extract_question, extract_steps, load_image,
                             normalize_answer, proposer_prompt, solver_prompt)
 from errors import UserError, first_line
+from logs import json_line
 from runtime import seed_all
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -53,9 +55,9 @@ class _Parser(HfArgumentParser):
         raise UserError(f"{self.prog}: {message}")
 
 
-def parse_args(command: str, argv: list[str]):
+def parse_args(command: str, argv: list[str], dataclass_type=None):
     """The command's options dataclass; every mistake in argv is a UserError."""
-    parser = _Parser(COMMAND_ARGS[command], prog=f"run.py {command}",
+    parser = _Parser(dataclass_type or COMMAND_ARGS[command], prog=f"run.py {command}",
                      description=__doc__.split("\n")[0])
     try:
         args, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
@@ -119,7 +121,7 @@ def load_models(args, adapters: dict) -> Loaded:
                     root.load_adapter(path, adapter_name=name)
                 else:
                     root = PeftModel.from_pretrained(base, path, adapter_name=name)
-            except (OSError, ValueError, KeyError, RuntimeError) as e:
+            except (OSError, ValueError, KeyError, RuntimeError, pickle.UnpicklingError) as e:
                 raise UserError(f"cannot load adapter {path} onto {args.model}: "
                                 f"{first_line(e)}") from e
             policies[name] = vlm.Policy(name, root, processor, adapter=name)
@@ -369,7 +371,7 @@ def eval_rows(loaded: Loaded, labels: dict, rows: list, bad: list, args, out,
         if out is not None:
             record = {"line": row.line, "image": row.image, "question": row.question,
                       "answer": row.answer, "results": {labels[m]: r for m, r in results.items()}}
-            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+            out.write(json_line(record))  # strict JSON: no bare NaN
     return totals
 
 
@@ -399,7 +401,7 @@ def cmd_export(args) -> int:
     base, processor = load_base(args.model, args, export=True)
     try:
         merged = PeftModel.from_pretrained(base, args.adapter).merge_and_unload()
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
+    except (OSError, ValueError, KeyError, RuntimeError, pickle.UnpicklingError) as e:
         raise UserError(f"cannot load adapter {args.adapter} onto {args.model}: "
                         f"{first_line(e)}") from e
     # Written next to the target and renamed, so --out is either complete or absent.

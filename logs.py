@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+import math
 import uuid
 
 import numpy as np
@@ -45,10 +46,39 @@ def log_wandb(run, records: list[dict]) -> None:
     run.log({**data, "samples": table}, step=r["step"])
 
 
+def finite(record: dict) -> dict:
+    """A copy that strict JSON can hold: each NaN/Infinity becomes null, and the record's
+    "nonfinite" field maps that field's path to the value it had ("NaN", "Infinity",
+    "-Infinity"), so a skipped update stays visible. Python's json would write bare NaN,
+    which jq and every strict parser reject."""
+    found: dict[str, str] = {}
+
+    def clean(value, path: str):
+        if isinstance(value, float) and not math.isfinite(value):
+            found[path] = "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+            return None
+        if isinstance(value, dict):
+            return {k: clean(v, f"{path}.{k}" if path else str(k)) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(v, f"{path}[{i}]") for i, v in enumerate(value)]
+        return value
+
+    out = clean(record, "")
+    if found:
+        out["nonfinite"] = found
+    return out
+
+
+def json_line(record: dict) -> str:
+    """One strict JSON line (allow_nan=False: a non-finite number that slipped past finite()
+    is a bug, raised here rather than written)."""
+    return json.dumps(finite(record), ensure_ascii=False, allow_nan=False) + "\n"
+
+
 def append_log(log_path: str, records: list[dict]) -> None:
-    """One JSON line per record. A file name that is not UTF-8 reaches us with lone
+    """One strict JSON line per record. A file name that is not UTF-8 reaches us with lone
     surrogates; backslashreplace writes them as \\u escapes, so the line stays valid JSON."""
-    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    text = "".join(json_line(r) for r in records)
     try:
         with open(log_path, "a", encoding="utf-8", errors="backslashreplace") as f:
             f.write(text)

@@ -5,6 +5,7 @@
     python run.py plot runs/<run> [--out file.png]   # training curves from iter_log.jsonl
     python run.py --data_dir ... ...   # exactly `python train.py --data_dir ... ...`
     python run.py infer|eval|export    # use a trained Solver (see README)
+    python run.py convert-checkpoint runs/<run>/step_00002 --trust-pickle   # old pickled state
 """
 from __future__ import annotations
 
@@ -99,6 +100,26 @@ def smoke() -> int:
         "--max_new_tokens_solver", "64", "--max_new_tokens_proposer", "32", "--lr", "1e-4"])
 
 
+def convert(argv: list[str]) -> int:
+    """Rewrite old-format checkpoints (pickled trainer_state.pt) as plain data, on request."""
+    import checkpoint
+    from config import ConvertArgs
+    from errors import UserError
+    from infer import parse_args
+    if argv and not argv[0].startswith("-"):
+        argv = ["--path", *argv]  # the folder may be given positionally, as documented
+    try:
+        args = parse_args("convert-checkpoint", argv, ConvertArgs)
+        done = checkpoint.convert_checkpoints(args.path, args.trust_pickle)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for folder in done:
+        print(f"converted {folder}: trainer_state.json + trainer_state.safetensors written "
+              f"(trainer_state.pt is no longer read and may be deleted)")
+    return 0
+
+
 def main(argv: list[str]) -> int:
     if not argv:
         return demo_main()
@@ -110,6 +131,8 @@ def main(argv: list[str]) -> int:
     if argv[0] in ("infer", "eval", "export"):
         import infer
         return infer.main(argv)
+    if argv[0] == "convert-checkpoint":
+        return convert(argv[1:])
     import train
     return train.main(argv)
 

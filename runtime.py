@@ -22,16 +22,25 @@ def seed_all(seed: int) -> None:
 
 
 def rng_state() -> dict:
-    """Every generator a step draws from: saved per rank, so a resumed run samples what an
-    unbroken one would."""
-    return {"python": random.getstate(), "numpy": np.random.get_state(),
+    """Every generator a step draws from: saved so a resumed run samples what an unbroken one
+    would. Plain data only (lists, numbers, tensors), so a checkpoint stores it as JSON plus
+    safetensors and loading it never unpickles anything (checkpoint.py)."""
+    version, keys, gauss = random.getstate()
+    name, mt, pos, has_gauss, cached = np.random.get_state()
+    return {"python": [version, list(keys), gauss],
+            "numpy": {"name": name, "keys": mt.tolist(), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 def set_rng_state(s: dict) -> None:
-    random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
+    """Inverse of rng_state. Raises ValueError/TypeError/KeyError on a malformed state."""
+    version, keys, gauss = s["python"]
+    random.setstate((version, tuple(keys), gauss))
+    n = s["numpy"]
+    np.random.set_state((n["name"], np.asarray(n["keys"], dtype=np.uint32), n["pos"],
+                         n["has_gauss"], n["cached_gaussian"]))
     torch.set_rng_state(s["torch"])
     if s["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])

@@ -25,10 +25,12 @@ from transformers import StoppingCriteria
 import checkpoint as ckpt
 import rewards as R
 from config import Config, parse_config
-from data_and_utils import ImagePool, extract_question, proposer_prompt, solver_prompt
+from data_and_utils import (ImagePool, check_data_dir, extract_question, proposer_prompt,
+                            solver_prompt)
 from distributed import Dist
-from errors import TrainingError, UserError
+from errors import TrainingError, UserError, first_line, report
 from logs import append_log, log_wandb, start_wandb
+from runlock import run_lock
 from runtime import keep_freed_memory, rng_state, seed_all, set_rng_state
 from sampling import decode_path
 from vlm import (ROLES, Policy, Prompt, Rollout, _core, acting, build_policies, completion_logits,
@@ -281,11 +283,12 @@ def resume(cfg: Config, run_dir: str, policies: dict, optimizers: dict, st: Trai
         if dist.is_main:  # killed before its first checkpoint: every logged step will be redone
             ckpt.truncate_log(os.path.join(run_dir, "iter_log.jsonl"), 0)
         return None
-    saved = ckpt.load_checkpoint(path, policies)
-    for key in ("solver_model", "proposer_model", "use_lora_solver", "use_lora_proposer"):
-        if saved["config"][key] != getattr(cfg, key):
-            raise UserError(f"{path} was trained with --{key} {saved['config'][key]}, not "
-                            f"{getattr(cfg, key)}; use another --wandb_run_name to start afresh")
+    # Validated against this run's own state and optimizers before anything is applied.
+    saved = ckpt.load_checkpoint(path, policies, optimizers, template=vars(st))
+    changed = ckpt.changed_flags(path, saved["config"], cfg.to_dict())
+    if changed and dist.is_main:
+        log.warning("resuming %s with changed flags (the new values apply): %s", path,
+                    ", ".join(changed))
     if "prompts" not in saved:
         log.warning("%s holds no prompt texts (an older checkpoint): cannot check that the "
                     "prompts are unchanged", path)
@@ -293,8 +296,10 @@ def resume(cfg: Config, run_dir: str, policies: dict, optimizers: dict, st: Trai
         raise UserError(f"{path} was trained with {cfg.prompt_mismatch(saved['prompts'])}")
     for role in ROLES:
         optimizers[role].load_state_dict(saved["optimizers"][role])
-    for key, value in saved["train_state"].items():
-        setattr(st, key, value)
+        for group in optimizers[role].param_groups:  # the flags given now win over saved ones
+            group["lr"], group["weight_decay"] = cfg.lr, cfg.weight_decay
+    for key in vars(st):
+        setattr(st, key, saved["train_state"][key])
     rngs = saved["rng"]
     set_rng_state(rngs[dist.rank] if dist.rank < len(rngs) else rngs[0])
     if dist.rank >= len(rngs):
@@ -359,10 +364,22 @@ def train(cfg: Config) -> int:
 
 def run_training(cfg: Config, dist: Dist) -> int:
     resolve_device_map(cfg, dist)
-    pool = ImagePool(cfg.data_dir, cfg.include_subfolders_list, cfg.seed, cfg.max_pixels)
+    check_data_dir(cfg.data_dir)  # before a run folder is made for nothing
     run_name = dist.broadcast(cfg.wandb_run_name or time.strftime("run-%Y%m%d-%H%M%S"))
     run_dir = os.path.join(cfg.output_dir, run_name)
-    os.makedirs(run_dir, exist_ok=True)
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create run folder {run_dir} ({first_line(e)})") from e
+    with run_lock(run_dir, run_name, dist):  # one trainer per run folder, until exit
+        return run_locked(cfg, dist, run_name, run_dir)
+
+
+def run_locked(cfg: Config, dist: Dist, run_name: str, run_dir: str) -> int:
+    pool = ImagePool(cfg.data_dir, cfg.include_subfolders_list, cfg.seed, cfg.max_pixels)
+    if len(set(dist.gather(pool.fingerprint()))) > 1:  # the seeded order needs one path list
+        raise UserError(f"the ranks found different image lists in {cfg.data_dir} (files added "
+                        f"or removed while scanning?); rerun once the folder is stable")
     seed_all(cfg.seed)  # identical LoRA init on every rank
     policies, optimizers = build_models(cfg, pool)
     if dist.is_main:  # which decode step sampling runs, and why: a slow path must not be silent
@@ -426,18 +443,19 @@ def loop(cfg, run_name, run_dir, policies, optimizers, pool, st, dist) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    # errors.report: one `error:` line per run, however many ranks raise it
     try:
         cfg = parse_config(argv)
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+        report(e)
         return 2
     try:
         return train(cfg)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        report(e)
         return 2
     except TrainingError as e:
-        print(f"error: {e}", file=sys.stderr)
+        report(e)
         return 1
 
 

@@ -13,9 +13,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoModelForImageTextToText
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+import backbone
 import config
 from sampling import decode, eos_tensor
 
@@ -60,11 +61,8 @@ class Prompt:
 
 # ---------------------------------------------------------------- loading
 def load_backbone(name: str, dtype: str, device_map: str, attn_implementation: str):
-    model = AutoModelForImageTextToText.from_pretrained(
-        name, dtype=DTYPES[dtype], device_map=device_map, attn_implementation=attn_implementation)
-    processor = AutoProcessor.from_pretrained(name)
-    model.requires_grad_(False)
-    return model, processor
+    """(model, processor), frozen; any failure is a one-line UserError (backbone.py)."""
+    return backbone.load_backbone(name, DTYPES[dtype], device_map, attn_implementation)
 
 
 def _core(model):

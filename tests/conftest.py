@@ -2,7 +2,10 @@
 
     python -m pytest
 """
+import json
 import os
+import shutil
+import subprocess
 import sys
 
 import pytest
@@ -25,6 +28,30 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def strict_json_lines(path) -> list:
+    """Every line of a JSONL file through a strict parser (bare NaN/Infinity raise) and, when
+    installed, through jq: what a user's tools will read."""
+    def refuse(name):
+        raise ValueError(f"{path}: non-standard JSON constant {name}")
+    with open(path, encoding="utf-8") as f:
+        records = [json.loads(line, parse_constant=refuse) for line in f]
+    if shutil.which("jq"):
+        proc = subprocess.run(["jq", "-c", ".", str(path)], capture_output=True, text=True)
+        assert proc.returncode == 0, f"jq rejects {path}: {proc.stderr}"
+        assert len(proc.stdout.splitlines()) == len(records), path
+    return records
+
+
+@pytest.fixture(autouse=True, scope="session")
+def every_log_is_strict_json(tmp_path_factory):
+    """After the session: every training log and eval result file any test wrote parses
+    strictly, line by line (a file a test garbles on purpose is repaired by the resume)."""
+    yield
+    base = tmp_path_factory.getbasetemp()
+    for path in [*base.rglob("iter_log.jsonl"), *base.rglob("results*.jsonl")]:
+        strict_json_lines(path)
 
 
 @pytest.fixture(scope="session")

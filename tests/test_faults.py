@@ -25,9 +25,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import checkpoint as ckpt  # noqa: E402
+import statefile  # noqa: E402
 import train  # noqa: E402
 from config import Config, parse_config  # noqa: E402
-from conftest import ENV, train_args  # noqa: E402
+from conftest import ENV, strict_json_lines, train_args  # noqa: E402
 from distributed import Dist  # noqa: E402
 from errors import UserError  # noqa: E402
 from vlm import build_policies  # noqa: E402
@@ -76,7 +77,7 @@ def assert_loadable(path) -> dict:
     assert os.path.isfile(os.path.join(path, ckpt.DONE_FILE))
     for role in train.ROLES:
         assert load_file(os.path.join(path, role, "adapter_model.safetensors"))
-    return torch.load(os.path.join(path, ckpt.STATE_FILE), weights_only=False)
+    return statefile.read_state(path)
 
 
 def error_lines(text: str) -> list[str]:
@@ -235,7 +236,7 @@ def test_kill_mid_checkpoint_write_resumes_from_newest_complete(tiny_model, imag
     tmp = os.path.join(run_dir, "step_00004.tmp-12345")
     os.rename(os.path.join(run_dir, "step_00004"), tmp)
     os.remove(os.path.join(tmp, ckpt.DONE_FILE))
-    half_write(os.path.join(tmp, ckpt.STATE_FILE))
+    half_write(os.path.join(tmp, statefile.STATE_TENSORS))
     with open(os.path.join(run_dir, "iter_log.jsonl"), "a", encoding="utf-8") as f:
         f.write('{"step": 5, "rank": 0, "image_pa')
     assert checkpoint_steps(run_dir) == [2]
@@ -327,10 +328,11 @@ def test_failing_checkpoint_write_stops_cleanly_and_keeps_earlier(tiny_model, im
                       "Error while serializing: I/O error: File too large")
     monkeypatch.undo()
 
-    # 3) Resume again; torch.save (trainer_state.pt) hits the full disk at step 3's save.
-    monkeypatch.setattr(ckpt.torch, "save", FailingCall(torch.save, {2}, write_with_tiny_disk))
+    # 3) Resume again; the trainer state's tensors hit the full disk at step 3's save.
+    monkeypatch.setattr(ckpt.statefile, "write_state",
+                        FailingCall(statefile.write_state, {2}, write_with_tiny_disk))
     check_failed_save(run_inprocess(argv), capsys.readouterr().err, run_dir, 3, [1, 2],
-                      "[enforce fail")
+                      "Error while serializing: I/O error: File too large")
     monkeypatch.undo()
 
     # 4) The disk has room again: the run finishes from the intact step 2.
@@ -343,10 +345,10 @@ def test_failing_checkpoint_write_stops_cleanly_and_keeps_earlier(tiny_model, im
 def corrupt(run_dir: str, kind: str) -> None:
     newest = os.path.join(run_dir, "step_00004")
     if kind == "truncated_state":
-        half_write(os.path.join(newest, ckpt.STATE_FILE))
+        half_write(os.path.join(newest, statefile.STATE_TENSORS))
     elif kind == "garbage_state":
-        with open(os.path.join(newest, ckpt.STATE_FILE), "wb") as f:
-            f.write(b"\x80\x04not a pickle at all")
+        with open(os.path.join(newest, statefile.STATE_JSON), "wb") as f:
+            f.write(b"\x80\x04not JSON at all")
     elif kind == "missing_adapter":
         shutil.rmtree(os.path.join(newest, "proposer"))
     elif kind == "truncated_adapter":
@@ -421,7 +423,10 @@ def test_one_nonfinite_update_is_skipped_and_counted(tiny_model, image_dir, tmp_
     assert run_inprocess(argv) == 0
     log = read_log(run_dir)
     assert [r["nonfinite_skips"] for r in log] == [0, 1, 1]
-    assert json.dumps(log[1]["solver_loss"]) == "NaN"
+    # strict JSON: the NaN loss is null, and the record says what it was
+    assert log[1]["solver_loss"] is None and log[1]["nonfinite"]["solver_loss"] == "NaN"
+    assert "nonfinite" not in log[0] and "nonfinite" not in log[2]
+    assert strict_json_lines(os.path.join(run_dir, "iter_log.jsonl")) == log
     assert any("non-finite solver" in r.getMessage() for r in caplog.records)
     adapter = lambda step, role: load_file(  # noqa: E731
         os.path.join(run_dir, f"step_{step:05d}", role, "adapter_model.safetensors"))

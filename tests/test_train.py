@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import statefile
 import train
 from conftest import ROOT, train_args
 
@@ -53,11 +54,12 @@ def test_cli_run_writes_log_and_checkpoint_layout(cli_run):
     assert records[0]["proposer_kl"] is None and records[1]["proposer_kl"] is not None
     assert sorted(os.listdir(cli_run)) == ["iter_log.jsonl", "step_00002", "step_00003"]
     ckpt = os.path.join(cli_run, "step_00003")
-    assert sorted(os.listdir(ckpt)) == ["SAVE_OK", "proposer", "solver", "trainer_state.pt"]
+    assert sorted(os.listdir(ckpt)) == ["SAVE_OK", "proposer", "solver", "trainer_state.json",
+                                        "trainer_state.safetensors"]
     for role in ("solver", "proposer"):
         assert sorted(os.listdir(os.path.join(ckpt, role))) == ["adapter_config.json",
                                                                 "adapter_model.safetensors"]
-    state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False)
+    state = statefile.read_state(ckpt)  # plain JSON + safetensors: nothing is unpickled
     assert state["step"] == 3 and set(state["optimizers"]) == {"solver", "proposer"}
     assert {"python", "numpy", "torch", "cuda"} <= set(state["rng"][0])
     assert set(state["train_state"]["baseline"]) == {"solver", "proposer"}
