@@ -31,6 +31,7 @@ from config import Config, parse_config  # noqa: E402
 from conftest import ENV, strict_json_lines, train_args  # noqa: E402
 from distributed import Dist  # noqa: E402
 from errors import UserError  # noqa: E402
+from runtime import rng_state  # noqa: E402
 from vlm import build_policies  # noqa: E402
 
 # Long Solver answers make step 3's rollout long enough to be hit by a signal reliably.
@@ -396,7 +397,9 @@ def test_adapter_of_another_shape_is_a_mismatch_not_damage(tiny_model, tmp_path)
         return build_policies(Config(solver_model=tiny_model, proposer_model=tiny_model,
                                      use_lora_solver=True, use_lora_proposer=True,
                                      dtype="float32", device_map="cpu", lora_r=rank))
-    path = ckpt.save_checkpoint(str(tmp_path), 1, policies(4), {"step": 1}, keep=2)
+    state = {"step": 1, "world_size": 1, "train_state": {"step": 1}, "config": {},
+             "rng": [rng_state()], "optimizers": {}}  # a valid state: only the weights differ
+    path = ckpt.save_checkpoint(str(tmp_path), 1, policies(4), state, keep=2)
     with pytest.raises(UserError) as e:
         ckpt.load_checkpoint(path, policies(8))
     assert "solver/ does not fit this model" in str(e.value)
