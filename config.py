@@ -115,7 +115,8 @@ class Config:
 
     # ---- trajectory-aware step agreement ----
     max_reasoning_steps: int = _help("Steps read from <think> per sample.", default=8)
-    min_step_group_size: int = _help("Majority group size needed for step rewards.", default=2)
+    min_step_group_size: int = _help("Majority-group members needed for step rewards, and at "
+                                     "each step position.", default=2)
     step_group_density_gamma: float = _help("Density weight (|D|/N)^gamma.", default=0.7)
     step_position_decay: float = _help("Position weight exp(-decay*j).", default=0.15)
     step_sim_temperature: float = _help("If != 1, cosine s -> tanh(s/T).", default=1.0)

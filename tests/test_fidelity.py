@@ -220,3 +220,20 @@ def test_max_pixels_0_is_the_processors_own_limit(tiny_model, image_dir, tmp_pat
     big.save(tmp_path / "big.png")
     w, h = infer.read_image(str(tmp_path / "big.png"), processor, 0).size
     assert w * h <= 224 * 224 and w % 28 == h % 28 == 0
+
+
+def test_effective_sampling_values_are_logged_at_start(tiny_model, caplog):
+    model = vlm.load_backbone(tiny_model, "float32", "cpu", "sdpa")[0]
+    policies = {"solver": vlm.Policy("solver", model, None)}
+    with caplog.at_level("INFO", logger="ireasoner"):
+        vlm.log_sampling(Config(), policies)
+        vlm.log_sampling(Config(top_k=1, repetition_penalty=1.05, update_mode="per_sample",
+                                proposer_update_freq=0), policies)
+    lines = [r.getMessage() for r in caplog.records]
+    assert ("solver sampling: temperature 1, top_p 1, top_k 50 (HF default), "
+            "repetition_penalty 1.0 (HF default)") in lines
+    assert "update: batched; proposer every 5 steps" in lines
+    assert ("solver sampling: temperature 1, top_p 1, top_k 1 (flag), "
+            "repetition_penalty 1.05 (flag)") in lines
+    assert any("top_k 1 samples greedily" in line for line in lines)
+    assert "update: per_sample; proposer never" in lines
