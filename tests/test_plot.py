@@ -69,3 +69,5 @@ def test_missing_or_empty_log_is_one_line_exit_2(tmp_path, case):
     assert "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ")
+    if case == "garbage":  # written broken on purpose: not a log the session check should read
+        (run_dir / "iter_log.jsonl").unlink()

@@ -124,6 +124,13 @@ MODEL_FAULTS = {
 }
 
 
+def any_image(folder: str) -> str:
+    for root, _, files in os.walk(folder):
+        for name in sorted(files):
+            return os.path.join(root, name)
+    raise AssertionError(f"no image in {folder}")
+
+
 @pytest.mark.parametrize("kind", list(MODEL_FAULTS))
 def test_model_that_cannot_load_is_one_line_naming_model_and_cause(kind, tiny_model, image_dir,
                                                                    tmp_path, capsys):
@@ -136,7 +143,8 @@ def test_model_that_cannot_load_is_one_line_naming_model_and_cause(kind, tiny_mo
     assert len(lines) == 1 and f"cannot load model {model}: " in lines[0], lines
     assert MODEL_FAULTS[kind] in lines[0], lines
     if kind == "missing_folder":  # infer/eval/export load through the same code
-        assert run.main(["infer", "--model", model, "--image", "x.png"]) == 2
+        assert run.main(["infer", "--model", model, "--image", any_image(image_dir),
+                             "--question", "q"]) == 2
         assert MODEL_FAULTS[kind] in error_lines(capsys.readouterr().err)[0]
 
 
