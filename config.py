@@ -69,7 +69,11 @@ class Config:
     max_new_tokens_proposer: int = _help("Max new tokens for the Proposer's question.", default=128)
 
     # ---- optimisation ----
-    total_steps: int = _help("Training steps (one image each).", default=2500)
+    total_steps: int = _help("Training steps (images_per_step images on each rank each).",
+                             default=2500)
+    images_per_step: int = _help("B: images per step on each rank. Their B questions are sampled "
+                                 "in one batched call, their B*N answers in another, and one "
+                                 "Solver update covers all B*N (published recipe: 1).", default=1)
     lr: float = _help("AdamW learning rate (both roles).", default=1e-6)
     weight_decay: float = _help("AdamW weight decay.", default=0.01)
     grad_clip: float = _help("Global gradient-norm clip.", default=1.0)
@@ -78,7 +82,7 @@ class Config:
                           default="ema")
     baseline_momentum: float = _help("EMA baseline: b <- m*b + (1-m)*reward.", default=0.9)
     update_micro_batch: int = _help("Completions per forward/backward chunk in the update "
-                                    "(0 = all N at once). Same result, less memory.", default=0)
+                                    "(0 = all B*N at once). Same result, less memory.", default=0)
 
     # ---- KL ----
     kl_coef: float = _help("Initial KL coefficient beta.", default=1e-3)
@@ -139,7 +143,7 @@ class Config:
         for name in ("num_solver_samples", "total_steps", "lora_r", "lora_alpha", "save_every",
                      "max_checkpoints", "proposer_update_freq", "max_new_tokens_solver",
                      "max_new_tokens_proposer", "max_reasoning_steps", "step_embed_max_tokens",
-                     "max_pixels", "min_step_group_size"):
+                     "max_pixels", "min_step_group_size", "images_per_step"):
             _check(getattr(self, name) >= 1, f"--{name} must be >= 1, got {getattr(self, name)}")
         for name in ("lr", "kl_target", "temp", "kl_coef", "step_sim_temperature",
                      "proposer_reward_sigma", "len_penalty_target_words"):
@@ -156,6 +160,10 @@ class Config:
                f"--step_reward_warmup must be in [0, 1), got {self.step_reward_warmup}")
         for name in ("step_reward_weight_start", "step_reward_weight_end"):
             _check(0 <= getattr(self, name) <= 1, f"--{name} must be in [0, 1]")
+        # per_sample updates one completion at a time (issue 10); its B > 1 form is not built.
+        _check(self.images_per_step == 1 or getattr(self, "update_mode", "") != "per_sample",
+               "--update_mode per_sample updates image by image; with --images_per_step > 1 use "
+               "the default update mode, or set --images_per_step 1")
         _check(self.freeze_vision or not (self.use_lora_solver or self.use_lora_proposer),
                "--no_freeze_vision trains the vision tower in full, but LoRA roles share the frozen "
                "base as their reference: drop --no_freeze_vision or turn LoRA off")

@@ -24,24 +24,16 @@ LEAN_TEXT_MODELS = ("qwen2_vl_text", "qwen2_5_vl_text")
 def decode(core, head, inputs: dict, mm_kwargs: dict, n: int, max_new_tokens: int,
            temperature: float, top_p: float, suppress: list[int], eos, pad: int,
            stop=None) -> torch.Tensor:
-    """Sampled ids [n, <= max_new_tokens]. `core` is the inner Qwen-VL model (vision + language),
-    `head` the lm_head, `inputs` one processed prompt (no padding), `mm_kwargs` its vision inputs.
-    Rows that ended keep emitting `pad`, as in HF; `stop` (a StoppingCriteria) is polled every
-    token and ends the loop early when it fires."""
-    pos, _ = core.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"],
-                                 image_grid_thw=inputs["image_grid_thw"],
-                                 attention_mask=inputs["attention_mask"])
-    out = core(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-               mm_token_type_ids=inputs["mm_token_type_ids"], position_ids=pos, **mm_kwargs,
-               use_cache=True)
-    out.cache.batch_repeat_interleave(n)
-    step_logits = _stepper(core.language_model, head, out.cache, max_new_tokens)
-    logits = head(out.last_hidden_state[:, -1]).expand(n, -1)
-    # Generated text continues from the prompt's largest (3-D rope) position, like HF's deltas.
-    start, device = int(pos.max()) + 1, logits.device
+    """Sampled ids [rows * n, <= max_new_tokens], n consecutive rows per prompt row. `core` is the
+    inner Qwen-VL model (vision + language), `head` the lm_head, `inputs` the processed prompts
+    (one row, or several left-padded ones with their attention mask), `mm_kwargs` their vision
+    inputs. Rows that ended keep emitting `pad`, as in HF; `stop` (a StoppingCriteria) is polled
+    every token and ends the loop early when it fires."""
+    logits, step_logits, start = prefill(core, head, inputs, mm_kwargs, n, max_new_tokens)
+    device = logits.device
     eos = eos_tensor(eos, device)
     banned = torch.tensor(suppress, dtype=torch.long, device=device)
-    done = torch.zeros(n, dtype=torch.bool, device=device)
+    done = torch.zeros(logits.shape[0], dtype=torch.bool, device=device)
     tokens = []
     for step in range(max_new_tokens):
         tok = sample_token(logits, temperature, top_p, banned).masked_fill(done, pad)
@@ -53,6 +45,29 @@ def decode(core, head, inputs: dict, mm_kwargs: dict, n: int, max_new_tokens: in
             break
         logits = step_logits(tok, start + step)
     return torch.stack(tokens, 1)
+
+
+def prefill(core, head, inputs: dict, mm_kwargs: dict, n: int, max_new_tokens: int):
+    """Run the prompts once; return (first logits [rows * n, V], step(tokens, position) -> next
+    logits, first position). One prompt takes the unpadded path (one int position, no key mask).
+    Several left-padded prompts give each row its own position and a key mask that hides the
+    padding from every later token, so a row's logits do not depend on its neighbours' lengths."""
+    mask = inputs["attention_mask"]
+    pos, _ = core.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"],
+                                 image_grid_thw=inputs["image_grid_thw"], attention_mask=mask)
+    out = core(input_ids=inputs["input_ids"], attention_mask=mask,
+               mm_token_type_ids=inputs["mm_token_type_ids"], position_ids=pos, **mm_kwargs,
+               use_cache=True)
+    out.cache.batch_repeat_interleave(n)
+    # Generated text continues from the prompt's largest (3-D rope) position, like HF's deltas.
+    if inputs["input_ids"].shape[0] == 1:
+        step = _stepper(core.language_model, head, out.cache, max_new_tokens)
+        return head(out.last_hidden_state[:, -1]).expand(n, -1), step, int(pos.max()) + 1
+    keys = mask.bool().repeat_interleave(n, 0)
+    keys = torch.cat([keys, keys.new_ones(keys.shape[0], max_new_tokens)], 1)
+    step = _stepper(core.language_model, head, out.cache, max_new_tokens, keys)
+    start = (pos.amax(dim=(0, 2)) + 1).repeat_interleave(n)
+    return head(out.last_hidden_state[:, -1]).repeat_interleave(n, 0), step, start
 
 
 def eos_tensor(eos, device) -> torch.Tensor:
@@ -80,17 +95,21 @@ def decode_path(lm, head) -> tuple[str, str]:
                     f"{lora}")
 
 
-def _stepper(lm, head, cache, max_new_tokens: int):
-    """step(tokens [n], position) -> next logits [n, V], extending `cache` by one position."""
+def _stepper(lm, head, cache, max_new_tokens: int, key_mask: torch.Tensor | None = None):
+    """step(tokens [n], position) -> next logits [n, V], extending `cache` by one position.
+    `position` is an int, or one per row with `key_mask` [n, prompt + max_new_tokens] (False on
+    left padding) when the rows' prompts differ in length."""
     lean = LeanDecoder.build(lm, head)
     if lean is not None:
         kv = [KVBuffer(layer.keys, layer.values, max_new_tokens) for layer in cache.layers]
-        return lambda tok, position: lean.step(tok, position, kv)
+        return lambda tok, position: lean.step(tok, position, kv, key_mask)
 
     def hf_step(tok, position):
         # No image in new tokens: the language model alone, without the vision wrapper.
-        ids = torch.full((3, tok.shape[0], 1), position, device=tok.device)
-        h = lm(input_ids=tok[:, None], position_ids=ids, cache=cache, use_cache=True)
+        ids = torch.as_tensor(position, device=tok.device).expand(3, tok.shape[0])[..., None]
+        mask = None if key_mask is None else key_mask[:, :cache.get_seq_length() + 1].long()
+        h = lm(input_ids=tok[:, None], position_ids=ids, attention_mask=mask, cache=cache,
+               use_cache=True)
         return head(h.last_hidden_state[:, -1])
     return hf_step
 
@@ -230,28 +249,35 @@ class LeanDecoder:
             layers.append((layer, parts))
         return layers
 
-    def step(self, tok: torch.Tensor, position: int, kv: list) -> torch.Tensor:
+    def step(self, tok: torch.Tensor, position, kv: list,
+             key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Next logits [n, V]; `position` an int, or a tensor [n] with `key_mask` (see _stepper)."""
         x = self.lm.embed_tokens(tok[:, None])
         rotary = self.lm.rotary_emb
-        freqs = float(position) * rotary.inv_freq.to(device=x.device, dtype=torch.float)
-        cos = (torch.cat((freqs.cos(), freqs.cos())) * rotary.attention_scaling).to(x.dtype)
-        sin = (torch.cat((freqs.sin(), freqs.sin())) * rotary.attention_scaling).to(x.dtype)
+        inv_freq = rotary.inv_freq.to(device=x.device, dtype=torch.float)
+        if isinstance(position, int):
+            freqs = float(position) * inv_freq
+        else:  # one position per row: angles [n, 1, 1, d/2] broadcast over heads
+            freqs = (position.to(x.device, torch.float)[:, None] * inv_freq)[:, None, None]
+        cos = (torch.cat((freqs.cos(), freqs.cos()), -1) * rotary.attention_scaling).to(x.dtype)
+        sin = (torch.cat((freqs.sin(), freqs.sin()), -1) * rotary.attention_scaling).to(x.dtype)
+        mask = None if key_mask is None else key_mask[:, None, None, :kv[0].length + 1]
         for (layer, parts), cache in zip(self.layers, kv):
             x = x + self._attention(layer.self_attn, parts, _rms(x, layer.input_layernorm),
-                                    cos, sin, cache)
+                                    cos, sin, cache, mask)
             h = _rms(x, layer.post_attention_layernorm)
             x = x + _apply(F.silu(_apply(h, parts["gate_proj"])) * _apply(h, parts["up_proj"]),
                            parts["down_proj"])
         return self.head(_rms(x, self.lm.norm))[:, -1]
 
     @staticmethod
-    def _attention(attn, parts, h, cos, sin, cache):
+    def _attention(attn, parts, h, cos, sin, cache, mask=None):
         n, d = h.shape[0], attn.head_dim
         q, k, v = (_apply(h, parts[name]).view(n, 1, -1, d).transpose(1, 2)
                    for name in ("q_proj", "k_proj", "v_proj"))
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
         keys, values = cache.append(k, v)
-        out = F.scaled_dot_product_attention(q, keys, values, scale=attn.scaling,
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling,
                                              enable_gqa=attn.num_key_value_groups > 1)
         return _apply(out.transpose(1, 2).reshape(n, 1, -1), parts["o_proj"])
