@@ -196,11 +196,8 @@ def encode_image(model, inputs) -> BaseModelOutputWithPooling:
                                            return_dict=True)
 
 
-def _mm_kwargs(prompt: Prompt, n: int, owner: torch.Tensor | None = None) -> dict:
-    """Vision inputs for a batch of n rows that share the prompt's single image, or, for a
-    several-image prompt, for rows whose images are `owner` (image index per row)."""
-    if owner is not None:
-        return _select_mm(prompt, owner.tolist())
+def _mm_kwargs(prompt: Prompt, n: int) -> dict:
+    """Vision inputs for a batch of n rows that share the prompt's single image."""
     grid = prompt.inputs["image_grid_thw"].repeat(n, 1)
     if prompt.image_features is None:
         return {"pixel_values": prompt.inputs["pixel_values"].repeat(n, 1), "image_grid_thw": grid}
@@ -216,8 +213,8 @@ def _mm_kwargs(prompt: Prompt, n: int, owner: torch.Tensor | None = None) -> dic
 
 
 def _select_mm(prompt: Prompt, owner: list[int]) -> dict:
-    """_mm_kwargs for rows showing images `owner` of a several-image prompt, in row order (the
-    model fills image tokens in row-major order, so features must follow the rows)."""
+    """Vision inputs for rows showing images `owner` (an index per row) of a several-image prompt,
+    in row order: the model fills image tokens in row-major order."""
     grid = prompt.inputs["image_grid_thw"]
     if prompt.image_features is None:
         patches = prompt.inputs["pixel_values"].split(grid.prod(-1).tolist())
@@ -256,7 +253,7 @@ def generate(policy: Policy, prompt: Prompt, n: int, max_new_tokens: int, temper
         # Our own loop (sampling.py): the prompt runs once, not n times, and the per-token
         # overhead is a fraction of HF generate's. Plain softmax(logits / T) within top-p.
         mm = _mm_kwargs(prompt, 1) if prompt.images == 1 else \
-            _mm_kwargs(prompt, 1, torch.arange(prompt.images))
+            _select_mm(prompt, list(range(prompt.images)))
         ids = decode(_core(model), model.get_output_embeddings(), prompt.inputs, mm, n,
                      max_new_tokens, temperature, top_p, suppressed_ids(policy.processor), eos,
                      _pad_id(policy), stop)
@@ -332,7 +329,7 @@ def _owned_completion_logits(model, prompt: Prompt, ids, mask, owner) -> torch.T
             "mm_token_type_ids": torch.cat([p["mm_token_type_ids"][owner],
                                             torch.zeros_like(ids)], 1)}
     if _drops_cache(model):
-        out = model(**full, **_mm_kwargs(prompt, 0, owner), logits_to_keep=length + 1,
+        out = model(**full, **_select_mm(prompt, owner.tolist()), logits_to_keep=length + 1,
                     use_cache=False)
         return out.logits[:, :-1]
     core = _core(model)
@@ -342,7 +339,7 @@ def _owned_completion_logits(model, prompt: Prompt, ids, mask, owner) -> torch.T
     first = [owner.tolist().index(i) for i in used]  # a row of each used image
     pre = core(input_ids=p["input_ids"][used], attention_mask=p["attention_mask"][used],
                mm_token_type_ids=p["mm_token_type_ids"][used], position_ids=pos[:, first, :P],
-               **_mm_kwargs(prompt, 0, torch.tensor(used)), use_cache=True)
+               **_select_mm(prompt, used), use_cache=True)
     pre.cache.batch_select_indices(local)
     out = core(input_ids=ids, attention_mask=full["attention_mask"], position_ids=pos[:, :, P:],
                cache=pre.cache, use_cache=True)

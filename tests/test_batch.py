@@ -95,7 +95,7 @@ def test_padded_decode_steps_match_each_prompt_alone(batch, lean, monkeypatch):
     with torch.no_grad(), vlm.acting(policies["solver"]) as model:
         model.eval()
         core, head = vlm._core(model), model.get_output_embeddings()
-        mm = vlm._mm_kwargs(prompt, 1, torch.arange(B))
+        mm = vlm._select_mm(prompt, list(range(B)))
         logits, step, start = sampling.prefill(core, head, prompt.inputs, mm, N, 7)
         batched = [logits] + [step(tokens[:, j], start + j) for j in range(6)]
         for b, p in enumerate(alone):
@@ -134,6 +134,25 @@ def test_batched_gradient_is_the_sum_of_per_image_gradients(batch, micro_batch):
         assert torch.allclose(g, summed[name], atol=1e-6, rtol=0), name
     assert loss == pytest.approx(sum(p[0] for p in parts), abs=1e-6)
     assert kl == pytest.approx(sum(p[1] for p in parts), abs=1e-5) and kl > 0
+
+
+def test_gradient_checkpointing_batched_update_is_the_same(tiny_model, batch):
+    """The joint-forward fallback (no shared cache) over left-padded rows, chunks across images."""
+    cfg, policies, prompt, _, roll = batch
+    adv = torch.linspace(-1.0, 1.2, B * N)
+    episode = train.Episode(prompt, roll, [])
+    cfg.update_micro_batch = 0
+    solver = policies["solver"]
+    solver.model.zero_grad(set_to_none=True)
+    train.accumulate_gradients(cfg, solver, episode, adv, 0.3)
+    plain = grads(solver)
+    solver.model.zero_grad(set_to_none=True)
+    gc_cfg, gc_policies = make_policies(tiny_model, gradient_checkpointing=True, update_micro_batch=5)
+    train.accumulate_gradients(gc_cfg, gc_policies["solver"], episode, adv, 0.3)
+    checkpointed = grads(gc_policies["solver"])
+    assert plain.keys() == checkpointed.keys()
+    for name, g in plain.items():
+        assert torch.allclose(g, checkpointed[name], atol=1e-6, rtol=1e-4), name
 
 
 def test_group_baseline_is_each_images_own_mean():
