@@ -242,3 +242,36 @@ def test_two_processes_take_eight_distinct_images_per_step(tiny_model, image_dir
         [(k, b) for k in (0, 1) for b in range(B)]
     assert len({r["image_path"] for r in records}) == 2 * B
     assert len({r["solver_param_checksum"] for r in records}) == 1
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl"])
+def test_other_families_pad_exactly(family, tmp_path):
+    """Qwen2-VL (lean decode step) and Qwen3-VL (HF layers, deepstack features) with left-padded
+    prompts: scoring and decoding each row as its prompt alone."""
+    from tiny import build_tiny_model
+    model, processor = vlm.load_backbone(build_tiny_model(str(tmp_path / family), family=family),
+                                         "float32", "cpu", "sdpa")
+    policy = vlm.Policy("solver", model, processor)
+    images = [Image.new("RGB", s, (60, 60 * i, 120)) for i, s in enumerate(SIZES[:3])]
+    texts = [solver_prompt(q) for q in QUESTIONS[:3]]
+    prompt = vlm.make_prompts(policy, images, texts)
+    torch.manual_seed(0)
+    roll = vlm.generate(policy, prompt, 2, 6, 1.0, 1.0)
+    owner = vlm.row_images(prompt, 6)
+    with torch.no_grad():
+        got = vlm.completion_logits(model, prompt, roll.ids, roll.mask, owner)
+        core, head = vlm._core(model), model.get_output_embeddings()
+        first, step, start = sampling.prefill(core, head, prompt.inputs,
+                                              vlm._select_mm(prompt, [0, 1, 2]), 2, 3)
+        after = step(roll.ids[:, 0], start)
+        for b in range(3):
+            alone = vlm.make_prompt(policy, images[b], texts[b])
+            rows_b = slice(2 * b, 2 * b + 2)
+            own = vlm.completion_logits(model, alone, roll.ids[rows_b], roll.mask[rows_b])
+            m = roll.mask[rows_b].bool()
+            assert torch.allclose(got[rows_b][m], own[m], atol=1e-5, rtol=0), b
+            first1, step1, start1 = sampling.prefill(core, head, alone.inputs,
+                                                     vlm._mm_kwargs(alone, 1), 2, 3)
+            assert torch.allclose(first[rows_b], first1, atol=1e-5, rtol=0), b
+            assert torch.allclose(after[rows_b], step1(roll.ids[rows_b, 0], start1), atol=1e-5,
+                                  rtol=0), b
