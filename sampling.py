@@ -49,23 +49,21 @@ def decode(core, head, inputs: dict, mm_kwargs: dict, n: int, max_new_tokens: in
 
 def prefill(core, head, inputs: dict, mm_kwargs: dict, n: int, max_new_tokens: int):
     """Run the prompts once; return (first logits [rows * n, V], step(tokens, position) -> next
-    logits, first position). One prompt takes the unpadded path (one int position, no key mask).
-    Several left-padded prompts give each row its own position and a key mask that hides the
-    padding from every later token, so a row's logits do not depend on its neighbours' lengths."""
+    logits, first position). One prompt takes the unpadded path (one int position). Several
+    left-padded prompts give each row its own position, and the padding is masked for every later
+    token, so a row's logits do not depend on its neighbours' lengths."""
     mask = inputs["attention_mask"]
     pos, _ = core.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"],
                                  image_grid_thw=inputs["image_grid_thw"], attention_mask=mask)
     out = core(input_ids=inputs["input_ids"], attention_mask=mask,
                mm_token_type_ids=inputs["mm_token_type_ids"], position_ids=pos, **mm_kwargs,
                use_cache=True)
-    out.cache.batch_repeat_interleave(n)
     # Generated text continues from the prompt's largest (3-D rope) position, like HF's deltas.
     if inputs["input_ids"].shape[0] == 1:
+        out.cache.batch_repeat_interleave(n)
         step = _stepper(core.language_model, head, out.cache, max_new_tokens)
         return head(out.last_hidden_state[:, -1]).expand(n, -1), step, int(pos.max()) + 1
-    keys = mask.bool().repeat_interleave(n, 0)
-    keys = torch.cat([keys, keys.new_ones(keys.shape[0], max_new_tokens)], 1)
-    step = _stepper(core.language_model, head, out.cache, max_new_tokens, keys)
+    step = _batched_stepper(core.language_model, head, out.cache, mask.bool(), n, max_new_tokens)
     start = (pos.amax(dim=(0, 2)) + 1).repeat_interleave(n)
     return head(out.last_hidden_state[:, -1]).repeat_interleave(n, 0), step, start
 
@@ -95,21 +93,38 @@ def decode_path(lm, head) -> tuple[str, str]:
                     f"{lora}")
 
 
-def _stepper(lm, head, cache, max_new_tokens: int, key_mask: torch.Tensor | None = None):
-    """step(tokens [n], position) -> next logits [n, V], extending `cache` by one position.
-    `position` is an int, or one per row with `key_mask` [n, prompt + max_new_tokens] (False on
-    left padding) when the rows' prompts differ in length."""
+def _stepper(lm, head, cache, max_new_tokens: int):
+    """step(tokens [n], position) -> next logits [n, V], extending `cache` by one position."""
     lean = LeanDecoder.build(lm, head)
     if lean is not None:
         kv = [KVBuffer(layer.keys, layer.values, max_new_tokens) for layer in cache.layers]
-        return lambda tok, position: lean.step(tok, position, kv, key_mask)
+        return lambda tok, position: lean.step(tok, position, kv)
 
     def hf_step(tok, position):
         # No image in new tokens: the language model alone, without the vision wrapper.
-        ids = torch.as_tensor(position, device=tok.device).expand(3, tok.shape[0])[..., None]
-        mask = None if key_mask is None else key_mask[:, :cache.get_seq_length() + 1].long()
-        h = lm(input_ids=tok[:, None], position_ids=ids, attention_mask=mask, cache=cache,
-               use_cache=True)
+        ids = torch.full((3, tok.shape[0], 1), position, device=tok.device)
+        h = lm(input_ids=tok[:, None], position_ids=ids, cache=cache, use_cache=True)
+        return head(h.last_hidden_state[:, -1])
+    return hf_step
+
+
+def _batched_stepper(lm, head, cache, prompt_mask: torch.Tensor, n: int, max_new_tokens: int):
+    """_stepper for n rows per left-padded prompt (`prompt_mask` [prompts, P], False on padding)
+    and a position per row. The lean step keeps each prompt's keys and values once (SharedPrefix);
+    the HF layers get them repeated per row and an attention mask."""
+    lean = LeanDecoder.build(lm, head)
+    if lean is not None:
+        kv = [SharedPrefix(layer.keys, layer.values, prompt_mask, n, max_new_tokens)
+              for layer in cache.layers]
+        return lambda tok, position: lean.step(tok, position, kv)
+    cache.batch_repeat_interleave(n)
+    mask = prompt_mask.long().repeat_interleave(n, 0)
+    mask = torch.cat([mask, mask.new_ones(mask.shape[0], max_new_tokens)], 1)
+
+    def hf_step(tok, position):
+        ids = position.to(tok.device).expand(3, -1)[..., None]
+        h = lm(input_ids=tok[:, None], position_ids=ids, cache=cache, use_cache=True,
+               attention_mask=mask[:, :cache.get_seq_length() + 1])
         return head(h.last_hidden_state[:, -1])
     return hf_step
 
@@ -199,6 +214,50 @@ class KVBuffer:
         self.length += 1
         return self.keys[:, :, :self.length], self.values[:, :, :self.length]
 
+    def attend(self, q, k, v, scale: float, gqa: bool) -> torch.Tensor:
+        """Store this position's k, v; attention [n, heads, 1, d] of q over everything stored."""
+        keys, values = self.append(k, v)
+        return F.scaled_dot_product_attention(q, keys, values, scale=scale, enable_gqa=gqa)
+
+
+class SharedPrefix:
+    """One layer's keys and values for n rows per prompt (several left-padded prompts): each
+    prompt's once, [prompts, kv heads, P, d], and each row's generated ones in a KVBuffer.
+    Attention runs over the two parts and joins them in one softmax: the prompt part treats a
+    prompt's n rows as extra queries, so its keys are read once per prompt, not once per row
+    (decoding is memory-bound; the prompt is most of the cache)."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, prompt_mask: torch.Tensor,
+                 n: int, extra: int):
+        # float32 throughout (SDPA's accumulation type): 16-bit prompt keys are upcast once
+        # here, a copy the size of one row's cache per prompt.
+        self.keys, self.values, self.n = keys.float(), values.float(), n
+        # additive mask over prompt keys: -inf on left padding, [prompts, 1, 1, P]
+        self.bias = torch.zeros(prompt_mask.shape, dtype=torch.float32, device=keys.device)
+        self.bias = self.bias.masked_fill(~prompt_mask, float("-inf"))[:, None, None]
+        rows, (_, heads, _, dim) = keys.shape[0] * n, keys.shape
+        self.generated = KVBuffer(keys.new_empty(rows, heads, 0, dim),
+                                  values.new_empty(rows, heads, 0, dim), extra)
+
+    def attend(self, q, k, v, scale: float, gqa: bool) -> torch.Tensor:
+        rows, heads, _, d = q.shape
+        prompts, kv = self.keys.shape[:2]
+        n, g = self.n, heads // kv  # query head h reads key head h // g, as enable_gqa does
+        keys, values = (x.float() for x in self.generated.append(k, v))
+        qf = q.float().reshape(rows, kv, g, d)
+        # [rows, kv, g, .] <-> [prompts, kv, n * g, .]: a prompt's rows as extra queries
+        per_prompt = lambda x: x.reshape(prompts, n, kv, g, -1).transpose(1, 2).reshape(
+            prompts, kv, n * g, -1)
+        per_row = lambda x: x.reshape(prompts, kv, n, g, -1).transpose(1, 2).reshape(
+            rows, kv, g, -1)
+        sp = per_prompt(qf) @ self.keys.transpose(-1, -2) * scale + self.bias
+        sg = qf @ keys.transpose(-1, -2) * scale
+        top = torch.maximum(per_row(sp.amax(-1, keepdim=True)), sg.amax(-1, keepdim=True))
+        ep, eg = (sp - per_prompt(top)).exp(), (sg - top).exp()
+        total = per_row(ep.sum(-1, keepdim=True)) + eg.sum(-1, keepdim=True)
+        out = (per_row(ep @ self.values) + eg @ values) / total
+        return out.reshape(rows, heads, 1, d).to(q.dtype)
+
 
 class LeanDecoder:
     """One decode step of a Qwen2(-VL) text stack as plain tensor ops, mirroring the HF layers
@@ -249,9 +308,8 @@ class LeanDecoder:
             layers.append((layer, parts))
         return layers
 
-    def step(self, tok: torch.Tensor, position, kv: list,
-             key_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Next logits [n, V]; `position` an int, or a tensor [n] with `key_mask` (see _stepper)."""
+    def step(self, tok: torch.Tensor, position, kv: list) -> torch.Tensor:
+        """Next logits [n, V]; `position` an int, or a tensor [n] (one per row)."""
         x = self.lm.embed_tokens(tok[:, None])
         rotary = self.lm.rotary_emb
         inv_freq = rotary.inv_freq.to(device=x.device, dtype=torch.float)
@@ -261,23 +319,20 @@ class LeanDecoder:
             freqs = (position.to(x.device, torch.float)[:, None] * inv_freq)[:, None, None]
         cos = (torch.cat((freqs.cos(), freqs.cos()), -1) * rotary.attention_scaling).to(x.dtype)
         sin = (torch.cat((freqs.sin(), freqs.sin()), -1) * rotary.attention_scaling).to(x.dtype)
-        mask = None if key_mask is None else key_mask[:, None, None, :kv[0].length + 1]
         for (layer, parts), cache in zip(self.layers, kv):
             x = x + self._attention(layer.self_attn, parts, _rms(x, layer.input_layernorm),
-                                    cos, sin, cache, mask)
+                                    cos, sin, cache)
             h = _rms(x, layer.post_attention_layernorm)
             x = x + _apply(F.silu(_apply(h, parts["gate_proj"])) * _apply(h, parts["up_proj"]),
                            parts["down_proj"])
         return self.head(_rms(x, self.lm.norm))[:, -1]
 
     @staticmethod
-    def _attention(attn, parts, h, cos, sin, cache, mask=None):
+    def _attention(attn, parts, h, cos, sin, cache):
         n, d = h.shape[0], attn.head_dim
         q, k, v = (_apply(h, parts[name]).view(n, 1, -1, d).transpose(1, 2)
                    for name in ("q_proj", "k_proj", "v_proj"))
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
-        keys, values = cache.append(k, v)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling,
-                                             enable_gqa=attn.num_key_value_groups > 1)
+        out = cache.attend(q, k, v, attn.scaling, attn.num_key_value_groups > 1)
         return _apply(out.transpose(1, 2).reshape(n, 1, -1), parts["o_proj"])

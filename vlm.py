@@ -218,7 +218,8 @@ def _select_mm(prompt: Prompt, owner: list[int]) -> dict:
     grid = prompt.inputs["image_grid_thw"]
     if prompt.image_features is None:
         patches = prompt.inputs["pixel_values"].split(grid.prod(-1).tolist())
-        return {"pixel_values": torch.cat([patches[i] for i in owner]), "image_grid_thw": grid[owner]}
+        return {"pixel_values": torch.cat([patches[i] for i in owner]),
+                "image_grid_thw": grid[owner]}
     feats = prompt.image_features
     extra = {}
     if getattr(feats, "deepstack_features", None) is not None:

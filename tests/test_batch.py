@@ -86,8 +86,9 @@ def test_padded_row_scores_as_the_same_completion_alone(batch, chunk):
 
 @pytest.mark.parametrize("lean", [True, False])
 def test_padded_decode_steps_match_each_prompt_alone(batch, lean, monkeypatch):
-    """The first logits and 6 decode steps (the lean step with its key mask, and the HF layers
-    with an attention mask) of left-padded rows equal those of each prompt decoded alone."""
+    """The first logits and 6 decode steps (the lean step with each prompt's keys shared by its
+    rows, and the HF layers with an attention mask) of left-padded rows equal those of each
+    prompt decoded alone."""
     _, policies, prompt, alone, roll = batch
     if not lean:
         monkeypatch.setattr(sampling.LeanDecoder, "build", classmethod(lambda *a, **k: None))
@@ -104,6 +105,29 @@ def test_padded_decode_steps_match_each_prompt_alone(batch, lean, monkeypatch):
             single = [logits] + [step(tokens[rows(b), j], start + j) for j in range(6)]
             for got, expected in zip(batched, single):
                 assert torch.allclose(got[rows(b)], expected, atol=1e-5, rtol=0), b
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_shared_prefix_attention_equals_sdpa_over_repeated_rows(dtype):
+    """SharedPrefix against SDPA over each row's own copy of its padded prompt plus its tokens."""
+    torch.manual_seed(0)
+    prompts, n, kv, g, P, d, dt = 3, 4, 2, 3, 9, 8, getattr(torch, dtype)
+    keys, values = (torch.randn(prompts, kv, P, d, dtype=dt) for _ in range(2))
+    mask = torch.ones(prompts, P, dtype=torch.bool)
+    mask[1, :4], mask[2, :2] = False, False
+    cache = sampling.SharedPrefix(keys, values, mask, n, 5)
+    plain = sampling.KVBuffer(keys.repeat_interleave(n, 0), values.repeat_interleave(n, 0), 5)
+    key_mask = torch.cat([mask.repeat_interleave(n, 0),
+                          torch.ones(prompts * n, 5, dtype=torch.bool)], 1)
+    for step in range(3):
+        q, k, v = (torch.randn(prompts * n, h, 1, d, dtype=dt) for h in (kv * g, kv, kv))
+        got = cache.attend(q, k, v, 0.3, True)
+        ks, vs = plain.append(k, v)
+        expected = torch.nn.functional.scaled_dot_product_attention(
+            q.float(), ks.float(), vs.float(), attn_mask=key_mask[:, None, None, :ks.shape[2]],
+            scale=0.3, enable_gqa=True)
+        assert got.dtype == dt and cache.generated.length == step + 1
+        assert torch.allclose(got.float(), expected, atol=1e-5 if dtype == "float32" else 1e-2)
 
 
 def grads(policy) -> dict:
@@ -147,7 +171,8 @@ def test_gradient_checkpointing_batched_update_is_the_same(tiny_model, batch):
     train.accumulate_gradients(cfg, solver, episode, adv, 0.3)
     plain = grads(solver)
     solver.model.zero_grad(set_to_none=True)
-    gc_cfg, gc_policies = make_policies(tiny_model, gradient_checkpointing=True, update_micro_batch=5)
+    gc_cfg, gc_policies = make_policies(tiny_model, gradient_checkpointing=True,
+                                        update_micro_batch=5)
     train.accumulate_gradients(gc_cfg, gc_policies["solver"], episode, adv, 0.3)
     checkpointed = grads(gc_policies["solver"])
     assert plain.keys() == checkpointed.keys()
