@@ -10,8 +10,9 @@ phase timer train_step takes. The yardstick re-creates the published reference's
 in the same process: N separate generate calls, text re-tokenized for the loss, full-sequence
 full-vocabulary log-softmax, image re-encoded every forward, N backward passes and optimizer steps.
 It runs at our thread count and at torch's default (the published reference never set it), and
-the speed-up over each is printed. With several --images_per_step values, each B runs the same
-number of steps in turn and the generated tokens/s are compared with the first B's. Random weights rarely emit eos, so every completion runs to
+the speed-up over each is printed. With several --images_per_step values, the B's take turns
+step by step (so a shared machine's load falls on all alike) and their generated tokens/s are
+compared with the first B's. Random weights rarely emit eos, so every completion runs to
 max_new_tokens. Figures are medians after one warm-up step, with CPU seconds beside wall seconds
 because other processes on a shared machine inflate wall time.
 """
@@ -150,19 +151,23 @@ class Split:
 
 
 def timed_steps(label: str, split: Split, steps: int, run_step) -> list[dict]:
-    records = []
-    for step in range(1, steps + 1):
-        split.reset()
-        wall, cpu = split.now()
-        run_step(step)
-        wall2, cpu2 = split.now()
-        records.append({"seconds": wall2 - wall, "cpu_seconds": cpu2 - cpu, "tokens": split.tokens,
-                        "wall": dict(split.wall), "cpu": dict(split.cpu)})
-        print(f"  {label} step {step}: {wall2 - wall:.3f} s (cpu {cpu2 - cpu:.3f} s)", flush=True)
-    return records
+    return [timed_step(label, split, step, run_step) for step in range(1, steps + 1)]
 
 
-def run_ours(cfg, args, policies, optimizers, pool, st, dist, stop) -> list[dict]:
+def timed_step(label: str, split: Split, step: int, run_step) -> dict:
+    split.reset()
+    wall, cpu = split.now()
+    run_step(step)
+    wall2, cpu2 = split.now()
+    print(f"  {label} step {step}: {wall2 - wall:.3f} s (cpu {cpu2 - cpu:.3f} s)", flush=True)
+    return {"seconds": wall2 - wall, "cpu_seconds": cpu2 - cpu, "tokens": split.tokens,
+            "wall": dict(split.wall), "cpu": dict(split.cpu)}
+
+
+def run_ours(cfg, args, policies, optimizers, pool, st, dist, stop) -> dict[int, list[dict]]:
+    """args.steps steps at each --images_per_step value, interleaved (step 1 at every B, then
+    step 2, ...) so that a shared machine's changing load falls on all of them alike. Each
+    record carries the peak memory of its own step."""
     split = Split(args.device)
 
     def run_step(step):
@@ -172,7 +177,15 @@ def run_ours(cfg, args, policies, optimizers, pool, st, dist, stop) -> list[dict
             raise SystemExit("interrupted by a signal")
         split.tokens += sum(r["generated_tokens"] for r in records)  # one record per image
 
-    return timed_steps("our", split, args.steps, run_step)
+    runs = {b: [] for b in args.images_per_step}
+    for step in range(1, args.steps + 1):
+        for b in args.images_per_step:
+            cfg.images_per_step = b
+            reset_peak_memory(args.device)
+            record = timed_step(f"our B={b}", split, step, run_step)
+            runs[b].append({**record, "peak_memory_mib": peak_memory_mib(args.device)})
+    cfg.images_per_step = 1
+    return runs
 
 
 # ---------------------------------------------------------------- the reference-style yardstick
@@ -396,17 +409,14 @@ def main(argv=None) -> dict:
     load = [os.getloadavg()[0]]
     memory = "peak " + ("CUDA allocated" if args.device == "cuda" else "RSS")
     batched = []
-    for b in args.images_per_step:
-        cfg.images_per_step = b
-        reset_peak_memory(args.device)
-        records = run_ours(cfg, args, policies, optimizers, pool, st, dist, stop)
+    for b, records in run_ours(cfg, args, policies, optimizers, pool, st, dist, stop).items():
         s = summarize(records)
-        s.update(threads=torch.get_num_threads(), peak_memory_mib=peak_memory_mib(args.device),
-                 images_per_step=b, seconds_per_image=s["seconds_per_step"] / b, steps=records)
+        s.update(threads=torch.get_num_threads(), images_per_step=b, steps=records,
+                 peak_memory_mib=max(r["peak_memory_mib"] for r in records),
+                 seconds_per_image=s["seconds_per_step"] / b)
         print_summary(f"ours, {b} image{'s' if b > 1 else ''} per step", s,
                       f"{memory} {s['peak_memory_mib']:.0f} MiB")
         batched.append(s)
-    cfg.images_per_step = 1
     ours = batched[0]
     result = {"args": vars(args), "ours": ours, "ours_steps": ours["steps"]}
     if len(batched) > 1:

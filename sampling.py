@@ -1,4 +1,4 @@
-"""The batched sampling loop behind vlm.generate: n completions of one prompt, token by token.
+"""The batched sampling loop behind vlm.generate: n completions of each prompt, token by token.
 
 HF `generate` spends more per token on bookkeeping than a small model spends on its forward, and
 it runs the prompt n times. Here the prompt (image included) runs once at batch 1 through the HF
@@ -8,9 +8,11 @@ exactly the ops of the HF layers and of peft's LoRA layers, in the same order (b
 logits in float32, in bfloat16 with peft's float32 adapters, and in float16; see
 tests/test_sampling.py; a float32 CPU adapter is folded into the weights, see _linear), without
 their per-module Python; other models take the HF path, and decode_path says which and why.
-Timings: bench.py.
+Several prompts (--images_per_step) are left-padded and prefilled together; each row then has its
+own position, the padding is masked, and the lean step keeps each prompt's keys and values once
+for its n rows (SharedPrefix). Timings: bench.py.
 
-    python -m pytest tests/test_sampling.py -q
+    python -m pytest tests/test_sampling.py tests/test_batch.py -q
 """
 from __future__ import annotations
 
