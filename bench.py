@@ -4,13 +4,16 @@
     python bench.py --steps 3 --json runs/bench.json
     python bench.py --preset 3b --device cuda --dtype bfloat16   # Qwen2.5-VL-3B shapes, on a GPU
     python bench.py --dtype bfloat16 --decode hf --baseline_steps 0  # HF-layer decode step
+    python bench.py --images_per_step 1,4,8 --baseline_steps 0  # batched steps, side by side
 
 Our step is train.train_step itself (rollout -> rewards -> updates); its phases are timed by the
 phase timer train_step takes. The yardstick re-creates the published reference's step
 in the same process: N separate generate calls, text re-tokenized for the loss, full-sequence
 full-vocabulary log-softmax, image re-encoded every forward, N backward passes and optimizer steps.
 It runs at our thread count and at torch's default (the published reference never set it), and
-the speed-up over each is printed. Random weights rarely emit eos, so every completion runs to
+the speed-up over each is printed. With several --images_per_step values, the B's take turns
+step by step (so a shared machine's load falls on all alike) and their generated tokens/s are
+compared with the first B's. Random weights rarely emit eos, so every completion runs to
 max_new_tokens. Figures are medians after one warm-up step, with CPU seconds beside wall seconds
 because other processes on a shared machine inflate wall time. The decode step sampling takes
 (lean or HF layers, sampling.decode_path) is printed with its reason before the steps.
@@ -75,6 +78,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="torch threads for our steps (0 = torch's default, all cores). 1 is robust "
                         "on a shared 2-core CPU: decode ops are too small to split, and OpenMP "
                         "spin-waiting makes a 2nd thread 10x slower when another process wants it")
+    p.add_argument("--images_per_step", default="1",
+                   help="comma-separated B values (images per step) timed one after another; the "
+                        "reference-style yardstick runs with one image per step")
     p.add_argument("--update_micro_batch", type=int, default=0)
     p.add_argument("--gradient_checkpointing", action="store_true")
     p.add_argument("--attn_implementation", default="sdpa")
@@ -84,6 +90,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--runs", default="runs", help="cache folder for the model and images")
     p.add_argument("--json", default="", help="also write the figures to this JSON file")
     args = p.parse_args(argv)
+    try:
+        args.images_per_step = [int(b) for b in args.images_per_step.split(",") if b.strip()]
+    except ValueError:
+        p.error(f"--images_per_step takes integers like 1,4,8, got {args.images_per_step!r}")
+    if not args.images_per_step or min(args.images_per_step) < 1:
+        p.error("--images_per_step needs values >= 1")
     preset = PRESET_3B if args.preset == "3b" else MODEL_FLAGS
     for name in MODEL_FLAGS:
         if getattr(args, name) is None:
@@ -145,19 +157,23 @@ class Split:
 
 
 def timed_steps(label: str, split: Split, steps: int, run_step) -> list[dict]:
-    records = []
-    for step in range(1, steps + 1):
-        split.reset()
-        wall, cpu = split.now()
-        run_step(step)
-        wall2, cpu2 = split.now()
-        records.append({"seconds": wall2 - wall, "cpu_seconds": cpu2 - cpu, "tokens": split.tokens,
-                        "wall": dict(split.wall), "cpu": dict(split.cpu)})
-        print(f"  {label} step {step}: {wall2 - wall:.3f} s (cpu {cpu2 - cpu:.3f} s)", flush=True)
-    return records
+    return [timed_step(label, split, step, run_step) for step in range(1, steps + 1)]
 
 
-def run_ours(cfg, args, policies, optimizers, pool, st, dist, stop) -> list[dict]:
+def timed_step(label: str, split: Split, step: int, run_step) -> dict:
+    split.reset()
+    wall, cpu = split.now()
+    run_step(step)
+    wall2, cpu2 = split.now()
+    print(f"  {label} step {step}: {wall2 - wall:.3f} s (cpu {cpu2 - cpu:.3f} s)", flush=True)
+    return {"seconds": wall2 - wall, "cpu_seconds": cpu2 - cpu, "tokens": split.tokens,
+            "wall": dict(split.wall), "cpu": dict(split.cpu)}
+
+
+def run_ours(cfg, args, policies, optimizers, pool, st, dist, stop) -> dict[int, list[dict]]:
+    """args.steps steps at each --images_per_step value, interleaved (step 1 at every B, then
+    step 2, ...) so that a shared machine's changing load falls on all of them alike. Each
+    record carries the peak memory of its own step."""
     split = Split(args.device)
 
     def run_step(step):
@@ -165,9 +181,17 @@ def run_ours(cfg, args, policies, optimizers, pool, st, dist, stop) -> list[dict
                                    timer=split.phase)
         if records is None:
             raise SystemExit("interrupted by a signal")
-        split.tokens += records[0]["generated_tokens"]
+        split.tokens += sum(r["generated_tokens"] for r in records)  # one record per image
 
-    return timed_steps("our", split, args.steps, run_step)
+    runs = {b: [] for b in args.images_per_step}
+    for step in range(1, args.steps + 1):
+        for b in args.images_per_step:
+            cfg.images_per_step = b
+            reset_peak_memory(args.device)
+            record = timed_step(f"our B={b}", split, step, run_step)
+            runs[b].append({**record, "peak_memory_mib": peak_memory_mib(args.device)})
+    cfg.images_per_step = 1
+    return runs
 
 
 # ---------------------------------------------------------------- the reference-style yardstick
@@ -258,6 +282,7 @@ def summarize(records: list[dict]) -> dict:
                      for key in ("wall", "cpu")}
         phases[p]["per_call"] = statistics.median(r["wall"][p] for r in ran) if ran else None
     gen = sum(phases[p]["wall"] for p in PHASES if p.endswith("generate"))
+    gen_cpu = sum(phases[p]["cpu"] for p in PHASES if p.endswith("generate"))
     tokens = statistics.median(r["tokens"] for r in measured)
     return {"seconds_per_step": statistics.median(r["seconds"] for r in measured),
             "cpu_seconds_per_step": statistics.median(r["cpu_seconds"] for r in measured),
@@ -265,12 +290,29 @@ def summarize(records: list[dict]) -> dict:
             "step_seconds": [round(r["seconds"], 4) for r in records],
             "step_cpu_seconds": [round(r["cpu_seconds"], 4) for r in records],
             "phases": phases, "tokens_per_step": tokens,
-            "generated_tokens_per_second": tokens / max(gen, 1e-9)}
+            "generated_tokens_per_second": tokens / max(gen, 1e-9),
+            # per CPU second of this process: what contention on a shared machine does not inflate
+            "generated_tokens_per_cpu_second": tokens / max(gen_cpu, 1e-9)}
+
+
+def reset_peak_memory(device: str) -> None:
+    """Start a new peak: CUDA's counter, or Linux's peak RSS (VmHWM), which writing 5 to
+    /proc/self/clear_refs resets to the current RSS."""
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    elif os.path.exists("/proc/self/clear_refs"):
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
 
 
 def peak_memory_mib(device: str) -> float:
+    """Peak since reset_peak_memory (without /proc, the whole process's peak RSS)."""
     if device == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
+    if os.path.exists("/proc/self/status"):
+        with open("/proc/self/status") as f:
+            hwm = next(line for line in f if line.startswith("VmHWM:"))
+        return int(hwm.split()[1]) / 1024  # kB
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
@@ -303,15 +345,14 @@ def run_baselines(cfg, args, policies, optimizers, pool, st, ours: dict, memory:
     results = []
     for threads in thread_settings(args.baseline_threads, torch.get_num_threads()):
         torch.set_num_threads(threads)
-        if args.device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
+        reset_peak_memory(args.device)
         ref = summarize(run_reference(cfg, args, policies, optimizers, pool, st))
         ref.update(threads=threads, peak_memory_mib=peak_memory_mib(args.device),
                    speedup=ref["seconds_per_step"] / ours["seconds_per_step"])
         label = "torch's default, as the published reference ran" if threads == DEFAULT_THREADS \
             else "our setting"
         print_summary(f"reference-style ({_threads(threads)}, {label})", ref,
-                      f"{memory} (whole process) {ref['peak_memory_mib']:.0f} MiB")
+                      f"{memory} {ref['peak_memory_mib']:.0f} MiB")
         results.append(ref)
     torch.set_num_threads(args.threads or DEFAULT_THREADS)
     print()
@@ -327,6 +368,28 @@ def decode_path(args, model) -> tuple[str, str]:
     after --decode switches the lean step on or off for this process."""
     sampling.LEAN_DECODE = args.decode == "auto"
     return sampling.decode_path(_core(model).language_model, model.get_output_embeddings())
+
+
+def print_batched(runs: list[dict], memory: str) -> None:
+    """One row per B: generated tokens/s (per wall second and per CPU second of this process)
+    against the first B's, seconds per image and its phase split."""
+    first = runs[0]
+    print("\nimages per step (same run; ratios against the first row):")
+    print(f"  {'B':>3} {'s/step':>8} {'s/image':>8} {'gen tok/s':>10} {'ratio':>6} "
+          f"{'tok/cpu-s':>10} {'ratio':>6} " + " ".join(f"{p:>17}" for p in PHASES)
+          + f"  {memory}")
+    for r in runs:
+        b = r["images_per_step"]
+        r["tokens_per_second_ratio"] = (r["generated_tokens_per_second"]
+                                        / first["generated_tokens_per_second"])
+        r["tokens_per_cpu_second_ratio"] = (r["generated_tokens_per_cpu_second"]
+                                            / first["generated_tokens_per_cpu_second"])
+        split = " ".join(f"{r['phases'][p]['wall'] / b:17.3f}" for p in PHASES)
+        print(f"  {b:>3} {r['seconds_per_step']:8.3f} {r['seconds_per_image']:8.3f} "
+              f"{r['generated_tokens_per_second']:10.0f} {r['tokens_per_second_ratio']:5.2f}x "
+              f"{r['generated_tokens_per_cpu_second']:10.0f} "
+              f"{r['tokens_per_cpu_second_ratio']:5.2f}x {split}  {r['peak_memory_mib']:.0f} MiB")
+    print("  (phase columns: wall seconds per image)")
 
 
 def busy(device: str, *runs: dict) -> bool:
@@ -359,18 +422,27 @@ def main(argv=None) -> dict:
     path = decode_path(args, policies["solver"].model)
     print(f"decode path: {path[0]} ({path[1]})", flush=True)
     load = [os.getloadavg()[0]]
-    records = run_ours(cfg, args, policies, optimizers, pool, st, dist, stop)
-    ours = summarize(records)
-    ours.update(threads=torch.get_num_threads(), peak_memory_mib=peak_memory_mib(args.device))
     memory = "peak " + ("CUDA allocated" if args.device == "cuda" else "RSS")
-    print_summary("ours", ours, f"{memory} {ours['peak_memory_mib']:.0f} MiB")
-    result = {"args": vars(args), "decode_path": path, "ours": ours, "ours_steps": records}
+    batched = []
+    for b, records in run_ours(cfg, args, policies, optimizers, pool, st, dist, stop).items():
+        s = summarize(records)
+        s.update(threads=torch.get_num_threads(), images_per_step=b, steps=records,
+                 peak_memory_mib=max(r["peak_memory_mib"] for r in records),
+                 seconds_per_image=s["seconds_per_step"] / b)
+        print_summary(f"ours, {b} image{'s' if b > 1 else ''} per step", s,
+                      f"{memory} {s['peak_memory_mib']:.0f} MiB")
+        batched.append(s)
+    ours = batched[0]
+    result = {"args": vars(args), "decode_path": path, "ours": ours, "ours_steps": ours["steps"]}
+    if len(batched) > 1:
+        result["images_per_step"] = batched
+        print_batched(batched, memory)
     if args.baseline_steps:
         result["reference"] = run_baselines(cfg, args, policies, optimizers, pool, st, ours,
                                             memory)
     # Other processes on a shared machine slow every figure: say so rather than print bad numbers.
     result["load_average_1min"] = load + [os.getloadavg()[0]]
-    result["machine_busy"] = busy(args.device, ours, *result.get("reference", []))
+    result["machine_busy"] = busy(args.device, *batched, *result.get("reference", []))
     if result["machine_busy"]:
         print("note: other processes took CPU time during this run (wall > CPU seconds per thread);"
               " wall-clock figures are inflated, a second thread most of all: compare the CPU "

@@ -82,7 +82,11 @@ class Config:
                                     "{question}.", default="")
 
     # ---- optimisation ----
-    total_steps: int = _help("Training steps (one image each).", default=2500)
+    total_steps: int = _help("Training steps (images_per_step images on each rank each).",
+                             default=2500)
+    images_per_step: int = _help("B: images per step on each rank. Their B questions are sampled "
+                                 "in one batched call, their B*N answers in another, and one "
+                                 "Solver update covers all B*N (published recipe: 1).", default=1)
     lr: float = _help("AdamW learning rate (both roles).", default=1e-6)
     weight_decay: float = _help("AdamW weight decay.", default=0.01)
     grad_clip: float = _help("Global gradient-norm clip.", default=1.0)
@@ -95,7 +99,7 @@ class Config:
                           default="ema")
     baseline_momentum: float = _help("EMA baseline: b <- m*b + (1-m)*reward.", default=0.9)
     update_micro_batch: int = _help("Completions per forward/backward chunk in the update "
-                                    "(0 = all N at once). Same result, less memory.", default=0)
+                                    "(0 = all B*N at once). Same result, less memory.", default=0)
 
     # ---- KL ----
     kl_coef: float = _help("Initial KL coefficient beta.", default=1e-3)
@@ -161,7 +165,7 @@ class Config:
         for name in ("num_solver_samples", "total_steps", "lora_r", "lora_alpha", "save_every",
                      "max_checkpoints", "max_new_tokens_solver",
                      "max_new_tokens_proposer", "max_reasoning_steps", "step_embed_max_tokens",
-                     "min_step_group_size"):
+                     "min_step_group_size", "images_per_step"):
             _check(getattr(self, name) >= 1, f"--{name} must be >= 1, got {getattr(self, name)}")
         for name in ("lr", "kl_target", "temp", "kl_coef", "step_sim_temperature",
                      "proposer_reward_sigma", "len_penalty_target_words"):
@@ -194,6 +198,10 @@ class Config:
         _check(bool(self.lora_targets_list) or not lora_flags,
                f"--lora_targets is empty but {lora_flags} is set: name at least one module, "
                f"e.g. q_proj,v_proj")
+        _check(self.images_per_step == 1 or self.update_mode != "per_sample",
+               f"--update_mode per_sample conflicts with --images_per_step "
+               f"{self.images_per_step}: per_sample steps image by image, as published; use "
+               f"--update_mode batched or --images_per_step 1")
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}

@@ -174,10 +174,19 @@ def update_ema_baseline(b: float, rewards: list[float], momentum: float) -> floa
     return b
 
 
-def advantages_for(rewards: list[float], baseline: float | None) -> torch.Tensor:
-    """A_i = r_i - b with the running baseline, or r_i - mean(r) (group) when b is None."""
+def advantages_for(rewards: list[float], baseline: float | None,
+                   group_size: int | None = None) -> torch.Tensor:
+    """A_i = r_i - b with the running baseline, or r_i - mean(r) (group) when b is None; with
+    `group_size`, each consecutive group of that many rewards (one image's N) is its own group."""
     r = torch.tensor(rewards, dtype=torch.float32)
-    return r - (r.mean() if baseline is None else baseline)
+    if baseline is not None:
+        return r - baseline
+    if group_size is None or group_size == len(rewards):
+        return r - r.mean()
+    if group_size < 1 or len(rewards) % group_size:
+        raise ValueError(f"{len(rewards)} rewards do not split into groups of {group_size}")
+    groups = r.view(-1, group_size)
+    return (groups - groups.mean(1, keepdim=True)).reshape(-1)
 
 
 # -----------------------------------------------------------------------------
@@ -186,16 +195,33 @@ def advantages_for(rewards: list[float], baseline: float | None) -> torch.Tensor
 def compute_rewards(cfg, texts: list[str], step: int, embed) -> dict:
     """Outcome self-consistency + trajectory-aware step agreement, mixed; proposer reward.
     `cfg` is a Config; `embed(steps) -> [len(steps), d]` embeds reasoning steps."""
+    return compute_rewards_batch(cfg, [texts], step, embed)[0]
+
+
+def compute_rewards_batch(cfg, groups: list[list[str]], step: int, embed) -> list[dict]:
+    """compute_rewards for several questions (one list of N answers each), with one embed call
+    for the steps of every question's majority group."""
+    prepared = [_outcome_and_steps(cfg, texts) for texts in groups]
+    # Only the majority group's steps are compared, so only those are embedded (one call).
+    vectors = embed([s for _, info, steps, group in prepared for i in group for s in steps[i]])
+    results, offset = [], 0
+    for outcome, info, steps, group in prepared:
+        per_sample = [vectors[:0]] * len(steps)
+        for i in group:
+            per_sample[i] = vectors[offset:offset + len(steps[i])]
+            offset += len(steps[i])
+        results.append(_mix(cfg, step, outcome, info, steps, group, per_sample))
+    return results
+
+
+def _outcome_and_steps(cfg, texts: list[str]):
     outcome, info = outcome_rewards(texts, cfg.solver_soft_gamma, cfg.len_penalty_weight,
                                     cfg.len_penalty_target_words)
     steps = [extract_steps(t, cfg.max_reasoning_steps) for t in texts]
-    # Only the majority group's steps are compared, so only those are embedded (one call).
-    group = majority_group(info["answers_norm"], info["dominant_answer"])
-    vectors = embed([s for i in group for s in steps[i]])
-    per_sample, offset = [vectors[:0]] * len(texts), 0
-    for i in group:
-        per_sample[i] = vectors[offset:offset + len(steps[i])]
-        offset += len(steps[i])
+    return outcome, info, steps, majority_group(info["answers_norm"], info["dominant_answer"])
+
+
+def _mix(cfg, step: int, outcome, info, steps, group, per_sample) -> dict:
     step_r, step_info = step_agreement_rewards(
         group, per_sample, cfg.min_step_group_size, cfg.step_group_density_gamma,
         cfg.step_position_decay, cfg.step_sim_temperature)

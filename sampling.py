@@ -1,4 +1,4 @@
-"""The batched sampling loop behind vlm.generate: n completions of one prompt, token by token.
+"""The batched sampling loop behind vlm.generate: n completions of each prompt, token by token.
 
 HF `generate` spends more per token on bookkeeping than a small model spends on its forward, and
 it runs the prompt n times. Here the prompt (image included) runs once at batch 1 through the HF
@@ -8,9 +8,11 @@ exactly the ops of the HF layers and of peft's LoRA layers, in the same order (b
 logits in float32, in bfloat16 with peft's float32 adapters, and in float16; see
 tests/test_sampling.py; a float32 CPU adapter is folded into the weights, see _linear), without
 their per-module Python; other models take the HF path, and decode_path says which and why.
-Timings: bench.py.
+Several prompts (--images_per_step) are left-padded and prefilled together; each row then has its
+own position, the padding is masked, and the lean step keeps each prompt's keys and values once
+for its n rows (SharedPrefix). Timings: bench.py.
 
-    python -m pytest tests/test_sampling.py -q
+    python -m pytest tests/test_sampling.py tests/test_batch.py -q
 """
 from __future__ import annotations
 
@@ -25,36 +27,24 @@ LEAN_DECODE = True  # False: always the HF layers (bench.py --decode hf times wh
 def decode(core, head, inputs: dict, mm_kwargs: dict, n: int, max_new_tokens: int,
            temperature: float, top_p: float, suppress: list[int], eos, pad: int,
            stop=None, top_k: int = 0, repetition_penalty: float = 1.0) -> torch.Tensor:
-    """Sampled ids [n, <= max_new_tokens]. `core` is the inner Qwen-VL model (vision + language),
-    `head` the lm_head, `inputs` one processed prompt (no padding), `mm_kwargs` its vision inputs.
-    Rows that ended keep emitting `pad`, as in HF; `stop` (a StoppingCriteria) is polled every
-    token and ends the loop early when it fires. top_k and repetition_penalty act as in HF
-    generate (see sample_token)."""
-    pos, _ = core.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"],
-                                 image_grid_thw=inputs["image_grid_thw"],
-                                 attention_mask=inputs["attention_mask"])
-    out = core(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-               mm_token_type_ids=inputs["mm_token_type_ids"], position_ids=pos, **mm_kwargs,
-               use_cache=True)
-    out.cache.batch_repeat_interleave(n)
-    step_logits = _stepper(core.language_model, head, out.cache, max_new_tokens)
-    logits = head(out.last_hidden_state[:, -1]).expand(n, -1)
-    # Generated text continues from the prompt's largest (3-D rope) position, like HF's deltas.
-    start, device = int(pos.max()) + 1, logits.device
+    """Sampled ids [rows * n, <= max_new_tokens], n consecutive rows per prompt row. `core` is the
+    inner Qwen-VL model (vision + language), `head` the lm_head, `inputs` the processed prompts
+    (one row, or several left-padded ones with their attention mask), `mm_kwargs` their vision
+    inputs. Rows that ended keep emitting `pad`, as in HF; `stop` (a StoppingCriteria) is polled
+    every token and ends the loop early when it fires. top_k and repetition_penalty act as in HF
+    generate (see sampling_probs)."""
+    logits, step_logits, start = prefill(core, head, inputs, mm_kwargs, n, max_new_tokens)
+    device, rows = logits.device, logits.shape[0]
     eos = eos_tensor(eos, device)
     banned = torch.tensor(suppress, dtype=torch.long, device=device)
-    done = torch.zeros(n, dtype=torch.bool, device=device)
-    # The ids each row has seen so far (prompt included, as HF's input_ids), for the penalty.
-    seen = None
-    if repetition_penalty != 1.0:
-        seen = torch.zeros(n, logits.shape[-1], dtype=torch.bool, device=device)
-        seen[:, inputs["input_ids"][0]] = True
+    done = torch.zeros(rows, dtype=torch.bool, device=device)
+    seen = prompt_ids_seen(inputs, n, logits.shape[-1]) if repetition_penalty != 1.0 else None
     tokens = []
     for step in range(max_new_tokens):
         tok = sample_token(logits, temperature, top_p, banned, top_k, repetition_penalty,
                            seen).masked_fill(done, pad)
         if seen is not None:
-            seen[torch.arange(n, device=device), tok] = True
+            seen[torch.arange(rows, device=device), tok] = True
         tokens.append(tok)
         done |= torch.isin(tok, eos)
         if step == max_new_tokens - 1 or bool(done.all()):
@@ -63,6 +53,38 @@ def decode(core, head, inputs: dict, mm_kwargs: dict, n: int, max_new_tokens: in
             break
         logits = step_logits(tok, start + step)
     return torch.stack(tokens, 1)
+
+
+def prefill(core, head, inputs: dict, mm_kwargs: dict, n: int, max_new_tokens: int):
+    """Run the prompts once; return (first logits [rows * n, V], step(tokens, position) -> next
+    logits, first position). One prompt takes the unpadded path (one int position). Several
+    left-padded prompts give each row its own position, and the padding is masked for every later
+    token, so a row's logits do not depend on its neighbours' lengths."""
+    mask = inputs["attention_mask"]
+    pos, _ = core.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"],
+                                 image_grid_thw=inputs["image_grid_thw"], attention_mask=mask)
+    out = core(input_ids=inputs["input_ids"], attention_mask=mask,
+               mm_token_type_ids=inputs["mm_token_type_ids"], position_ids=pos, **mm_kwargs,
+               use_cache=True)
+    # Generated text continues from the prompt's largest (3-D rope) position, like HF's deltas.
+    if inputs["input_ids"].shape[0] == 1:
+        out.cache.batch_repeat_interleave(n)
+        step = _stepper(core.language_model, head, out.cache, max_new_tokens)
+        return head(out.last_hidden_state[:, -1]).expand(n, -1), step, int(pos.max()) + 1
+    step = _batched_stepper(core.language_model, head, out.cache, mask.bool(), n, max_new_tokens)
+    start = (pos.amax(dim=(0, 2)) + 1).repeat_interleave(n)
+    return head(out.last_hidden_state[:, -1]).repeat_interleave(n, 0), step, start
+
+
+def prompt_ids_seen(inputs: dict, n: int, vocab: int) -> torch.Tensor:
+    """[rows * n, V] bool: the ids of each row's prompt (its padding left out, so a row's penalty
+    does not depend on its neighbours), n rows per prompt; generated ids are added as they come.
+    HF's repetition penalty reads the same set from input_ids."""
+    ids, mask = inputs["input_ids"], inputs["attention_mask"].bool()
+    seen = torch.zeros(ids.shape[0], vocab, dtype=torch.bool, device=ids.device)
+    row, col = mask.nonzero(as_tuple=True)
+    seen[row, ids[row, col]] = True
+    return seen.repeat_interleave(n, 0)
 
 
 def eos_tensor(eos, device) -> torch.Tensor:
@@ -105,6 +127,34 @@ def _stepper(lm, head, cache, max_new_tokens: int):
         h = lm(input_ids=tok[:, None], position_ids=ids, cache=cache, use_cache=True)
         return head(h.last_hidden_state[:, -1])
     return hf_step
+
+
+def _batched_stepper(lm, head, cache, prompt_mask: torch.Tensor, n: int, max_new_tokens: int):
+    """_stepper for n rows per left-padded prompt (`prompt_mask` [prompts, P], False on padding)
+    and a position per row. The lean step keeps each prompt's keys and values once (SharedPrefix);
+    the HF layers get them repeated per row and an attention mask."""
+    lean = LeanDecoder.build(lm, head) if LEAN_DECODE else None
+    if lean is not None:
+        kv = [SharedPrefix(layer.keys, layer.values, prompt_mask, n, max_new_tokens)
+              for layer in cache.layers]
+        return lambda tok, position: lean.step(tok, position, kv)
+    cache.batch_repeat_interleave(n)
+    mask = prompt_mask.long().repeat_interleave(n, 0)
+    mask = torch.cat([mask, mask.new_ones(mask.shape[0], max_new_tokens)], 1)
+
+    def hf_step(tok, position):
+        ids = position.to(tok.device).expand(3, -1)[..., None]
+        h = lm(input_ids=tok[:, None], position_ids=ids, cache=cache, use_cache=True,
+               attention_mask=mask[:, :cache.get_seq_length() + 1])
+        return head(h.last_hidden_state[:, -1])
+    return hf_step
+
+
+def sample_token(logits: torch.Tensor, temperature: float, top_p: float,
+                 suppress) -> torch.Tensor:
+    """One id per row from softmax(logits / T) within the top-p nucleus (HF's rule: keep a token
+    while the mass ranked above it is < top_p), never a suppressed id. This is the distribution
+    the loss scores: no repetition penalty or other hub generation_config extras."""
 
 
 def sample_token(logits: torch.Tensor, temperature: float, top_p: float, suppress,
@@ -211,6 +261,50 @@ class KVBuffer:
         self.length += 1
         return self.keys[:, :, :self.length], self.values[:, :, :self.length]
 
+    def attend(self, q, k, v, scale: float, gqa: bool) -> torch.Tensor:
+        """Store this position's k, v; attention [n, heads, 1, d] of q over everything stored."""
+        keys, values = self.append(k, v)
+        return F.scaled_dot_product_attention(q, keys, values, scale=scale, enable_gqa=gqa)
+
+
+class SharedPrefix:
+    """One layer's keys and values for n rows per prompt (several left-padded prompts): each
+    prompt's once, [prompts, kv heads, P, d], and each row's generated ones in a KVBuffer.
+    Attention runs over the two parts and joins them in one softmax: the prompt part treats a
+    prompt's n rows as extra queries, so its keys are read once per prompt, not once per row
+    (decoding is memory-bound; the prompt is most of the cache)."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, prompt_mask: torch.Tensor,
+                 n: int, extra: int):
+        # float32 throughout (SDPA's accumulation type): 16-bit prompt keys are upcast once
+        # here, a copy the size of one row's cache per prompt.
+        self.keys, self.values, self.n = keys.float(), values.float(), n
+        # additive mask over prompt keys: -inf on left padding, [prompts, 1, 1, P]
+        self.bias = torch.zeros(prompt_mask.shape, dtype=torch.float32, device=keys.device)
+        self.bias = self.bias.masked_fill(~prompt_mask, float("-inf"))[:, None, None]
+        rows, (_, heads, _, dim) = keys.shape[0] * n, keys.shape
+        self.generated = KVBuffer(keys.new_empty(rows, heads, 0, dim),
+                                  values.new_empty(rows, heads, 0, dim), extra)
+
+    def attend(self, q, k, v, scale: float, gqa: bool) -> torch.Tensor:
+        rows, heads, _, d = q.shape
+        prompts, kv = self.keys.shape[:2]
+        n, g = self.n, heads // kv  # query head h reads key head h // g, as enable_gqa does
+        keys, values = (x.float() for x in self.generated.append(k, v))
+        qf = q.float().reshape(rows, kv, g, d)
+        # [rows, kv, g, .] <-> [prompts, kv, n * g, .]: a prompt's rows as extra queries
+        per_prompt = lambda x: x.reshape(prompts, n, kv, g, -1).transpose(1, 2).reshape(
+            prompts, kv, n * g, -1)
+        per_row = lambda x: x.reshape(prompts, kv, n, g, -1).transpose(1, 2).reshape(
+            rows, kv, g, -1)
+        sp = per_prompt(qf) @ self.keys.transpose(-1, -2) * scale + self.bias
+        sg = qf @ keys.transpose(-1, -2) * scale
+        top = torch.maximum(per_row(sp.amax(-1, keepdim=True)), sg.amax(-1, keepdim=True))
+        ep, eg = (sp - per_prompt(top)).exp(), (sg - top).exp()
+        total = per_row(ep.sum(-1, keepdim=True)) + eg.sum(-1, keepdim=True)
+        out = (per_row(ep @ self.values) + eg @ values) / total
+        return out.reshape(rows, heads, 1, d).to(q.dtype)
+
 
 class LeanDecoder:
     """One decode step of a Qwen2(-VL) text stack as plain tensor ops, mirroring the HF layers
@@ -261,12 +355,17 @@ class LeanDecoder:
             layers.append((layer, parts))
         return layers
 
-    def step(self, tok: torch.Tensor, position: int, kv: list) -> torch.Tensor:
+    def step(self, tok: torch.Tensor, position, kv: list) -> torch.Tensor:
+        """Next logits [n, V]; `position` an int, or a tensor [n] (one per row)."""
         x = self.lm.embed_tokens(tok[:, None])
         rotary = self.lm.rotary_emb
-        freqs = float(position) * rotary.inv_freq.to(device=x.device, dtype=torch.float)
-        cos = (torch.cat((freqs.cos(), freqs.cos())) * rotary.attention_scaling).to(x.dtype)
-        sin = (torch.cat((freqs.sin(), freqs.sin())) * rotary.attention_scaling).to(x.dtype)
+        inv_freq = rotary.inv_freq.to(device=x.device, dtype=torch.float)
+        if isinstance(position, int):
+            freqs = float(position) * inv_freq
+        else:  # one position per row: angles [n, 1, 1, d/2] broadcast over heads
+            freqs = (position.to(x.device, torch.float)[:, None] * inv_freq)[:, None, None]
+        cos = (torch.cat((freqs.cos(), freqs.cos()), -1) * rotary.attention_scaling).to(x.dtype)
+        sin = (torch.cat((freqs.sin(), freqs.sin()), -1) * rotary.attention_scaling).to(x.dtype)
         for (layer, parts), cache in zip(self.layers, kv):
             x = x + self._attention(layer.self_attn, parts, _rms(x, layer.input_layernorm),
                                     cos, sin, cache)
@@ -282,7 +381,5 @@ class LeanDecoder:
                    for name in ("q_proj", "k_proj", "v_proj"))
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
-        keys, values = cache.append(k, v)
-        out = F.scaled_dot_product_attention(q, keys, values, scale=attn.scaling,
-                                             enable_gqa=attn.num_key_value_groups > 1)
+        out = cache.attend(q, k, v, attn.scaling, attn.num_key_value_groups > 1)
         return _apply(out.transpose(1, 2).reshape(n, 1, -1), parts["o_proj"])

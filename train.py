@@ -34,8 +34,8 @@ from runlock import run_lock
 from runtime import keep_freed_memory, rng_state, seed_all, set_rng_state
 from sampling import decode_path
 from vlm import (ROLES, Policy, Prompt, Rollout, _core, acting, build_policies, completion_logits,
-                 generate, image_sizing, kl_per_token, make_prompt, reference_logprobs,
-                 log_sampling, step_embedder, token_logprobs)
+                 generate, image_sizing, kl_per_token, log_sampling, make_prompts,
+                 reference_logprobs, row_images, step_embedder, token_logprobs)
 
 log = logging.getLogger("ireasoner")
 MAX_NONFINITE_IN_A_ROW = 3
@@ -57,7 +57,8 @@ class TrainState:
 
 @dataclass
 class Episode:
-    """One role's sampled completions for one image, with their rewards."""
+    """One role's sampled completions for the step's images (each image's rows consecutive),
+    with their rewards."""
     prompt: Prompt
     rollout: Rollout
     rewards: list[float]
@@ -88,19 +89,23 @@ def no_timer(phase: str):
     return nullcontext()
 
 
-def rollout(cfg: Config, policies: dict, image, stop: Stop, timer=no_timer) -> dict[str, Episode]:
-    """Proposer writes a question; the Solver samples N answers in one batched call."""
+def rollout(cfg: Config, policies: dict, images: list, stop: Stop,
+            timer=no_timer) -> dict[str, Episode]:
+    """The Proposer writes one question per image, all in one batched call; the Solver samples
+    N answers to each, all B*N in one batched call."""
     proposer, solver = policies["proposer"], policies["solver"]
     with timer("prompts"):
-        p_prompt = make_prompt(proposer, image, proposer_prompt(cfg.proposer_prompt_text))
+        p_prompt = make_prompts(proposer, images,
+                                [proposer_prompt(cfg.proposer_prompt_text)] * len(images))
     with timer("proposer_generate"):
         p_roll = generate(proposer, p_prompt, 1, cfg.max_new_tokens_proposer, cfg.temp, cfg.top_p,
                           stop, cfg.top_k, cfg.repetition_penalty)
-    question = extract_question(p_roll.texts[0])
+    questions = [extract_question(text) for text in p_roll.texts]
     shared = p_prompt.image_features if proposer.model is solver.model else None
     with timer("prompts"):
-        s_prompt = make_prompt(solver, image, solver_prompt(question, cfg.solver_prompt_text),
-                               image_features=shared)
+        s_prompt = make_prompts(solver, images,
+                                [solver_prompt(q, cfg.solver_prompt_text) for q in questions],
+                                image_features=shared)
     with timer("solver_generate"):
         s_roll = generate(solver, s_prompt, cfg.num_solver_samples, cfg.max_new_tokens_solver,
                           cfg.temp, cfg.top_p, stop, cfg.top_k, cfg.repetition_penalty)
@@ -108,20 +113,27 @@ def rollout(cfg: Config, policies: dict, image, stop: Stop, timer=no_timer) -> d
 
 
 def accumulate_gradients(cfg: Config, policy: Policy, episode: Episode, advantages: torch.Tensor,
-                         beta: float) -> tuple[float, float]:
-    """Backward of loss = mean_i(A_i NLL_i) + beta KL over all completions, adding into .grad.
-    Chunks of update_micro_batch completions sum to exactly the unchunked gradient.
+                         beta: float, norm: tuple | None = None) -> tuple[float, float]:
+    """Backward of loss = mean_i(A_i NLL_i) + beta KL over all completions (of all the step's
+    images), adding into .grad. Chunks of update_micro_batch completions sum to exactly the
+    unchunked gradient, and only one chunk's [rows, L, V] tensors are alive at a time. `norm`
+    (completions, tokens) replaces the episode's own counts in the two means: an episode that is
+    part of a larger batch then adds its exact share of that batch's gradient.
     Returns (loss, KL summed over tokens)."""
     ids, mask = episode.rollout.ids, episode.rollout.mask
     n, tokens = ids.shape[0], mask.sum().clamp(min=1)
-    chunk = cfg.update_micro_batch or n
+    if norm is not None:
+        n, tokens = norm[0], torch.as_tensor(norm[1], dtype=tokens.dtype)
+    owner = row_images(episode.prompt, ids.shape[0])
+    chunk = cfg.update_micro_batch or ids.shape[0]
     loss_sum, kl_sum = 0.0, 0.0
     with acting(policy) as model:
-        for lo in range(0, n, chunk):
+        for lo in range(0, ids.shape[0], chunk):
             part = slice(lo, lo + chunk)
-            ref_logp = reference_logprobs(policy, episode.prompt, ids[part], mask[part])
+            own = None if owner is None else owner[part]
+            ref_logp = reference_logprobs(policy, episode.prompt, ids[part], mask[part], own)
             model.train()
-            logits = completion_logits(model, episode.prompt, ids[part], mask[part])
+            logits = completion_logits(model, episode.prompt, ids[part], mask[part], own)
             tok_logp, logp = token_logprobs(logits, ids[part])
             m = mask[part].float()
             nll = -(tok_logp * m).sum(1) / m.sum(1).clamp(min=1)
@@ -130,6 +142,7 @@ def accumulate_gradients(cfg: Config, policy: Policy, episode: Episode, advantag
             loss.backward()
             loss_sum += loss.item()
             kl_sum += kl.item()
+            del ref_logp, logits, tok_logp, logp, loss  # before the next chunk's are made
     return loss_sum, kl_sum
 
 
@@ -150,44 +163,54 @@ def update_policy(cfg: Config, policy: Policy, optimizer, episode: Episode,
     return {"loss": loss, "kl": kl_sum / tokens, "grad_norm": grad_norm.item(), "finite": finite}
 
 
+PER_IMAGE = ("answers", "answers_norm", "pre_answer_words", "steps_per_sample", "dominant_answer",
+             "dominant_count", "answer_entropy", "reward_outcome", "reward_steps",
+             "step_reward_weight", "reward_final", "proposer_reward")
+
+
 def train_step(cfg: Config, policies: dict, optimizers: dict, pool: ImagePool, st: TrainState,
                step: int, dist: Dist, stop: Stop, timer=no_timer) -> list[dict] | None:
-    """One global step on every rank. Returns the per-rank records (on every rank), or None if
-    a signal arrived before any update, in which case nothing has changed. `timer(phase)` is a
-    context manager around each phase (see no_timer)."""
-    t0 = time.time()
-    image_path, image = pool.get((step - 1) * dist.world + dist.rank)
-    eps = rollout(cfg, policies, image, stop, timer)
+    """One global step on every rank: images_per_step images each. Returns every rank's records,
+    one per image (on every rank), or None if a signal arrived before any update, in which case
+    nothing has changed. `timer(phase)` is a context manager around each phase (see no_timer)."""
+    t0, B, N = time.time(), cfg.images_per_step, cfg.num_solver_samples
+    first = ((step - 1) * dist.world + dist.rank) * B  # ranks take consecutive blocks of B
+    paths, images = zip(*[pool.get(first + b) for b in range(B)])
+    eps = rollout(cfg, policies, list(images), stop, timer)
     if dist.any(bool(stop.signum)):
         return None
     solver, s_ep, p_ep = policies["solver"], eps["solver"], eps["proposer"]
-    with timer("rewards"):
-        rw = R.compute_rewards(cfg, s_ep.rollout.texts, step, step_embedder(solver, cfg))
-    rec = {"step": step, "rank": dist.rank, "image_path": image_path,
-           "question": extract_question(p_ep.rollout.texts[0]),
-           "proposer_output": p_ep.rollout.texts[0], "solver_outputs": s_ep.rollout.texts,
-           **{k: rw[k] for k in ("answers", "answers_norm", "pre_answer_words",
-                                 "steps_per_sample", "dominant_answer", "dominant_count",
-                                 "answer_entropy", "reward_outcome", "reward_steps",
-                                 "step_reward_weight", "reward_final", "proposer_reward")}}
-    s_ep.rewards, p_ep.rewards = rw["reward_final"], [rw["proposer_reward"]]
-    rec.update(_update_role(cfg, "solver", policies, optimizers, s_ep, st, dist, timer))
-    rec["proposer_updated"] = cfg.proposer_update_freq > 0 and step % cfg.proposer_update_freq == 0
-    if rec["proposer_updated"]:
-        rec.update(_update_role(cfg, "proposer", policies, optimizers, p_ep, st, dist, timer))
+    texts = s_ep.rollout.texts
+    with timer("rewards"):  # per image, one embedder call for all majority groups
+        rws = R.compute_rewards_batch(cfg, [texts[b * N:(b + 1) * N] for b in range(B)], step,
+                                      step_embedder(solver, cfg))
+    recs = [{"step": step, "rank": dist.rank, "image_index": b, "image_path": paths[b],
+             "question": extract_question(p_ep.rollout.texts[b]),
+             "proposer_output": p_ep.rollout.texts[b], "solver_outputs": texts[b * N:(b + 1) * N],
+             **{k: rw[k] for k in PER_IMAGE}} for b, rw in enumerate(rws)]
+    s_ep.rewards = [r for rw in rws for r in rw["reward_final"]]
+    p_ep.rewards = [rw["proposer_reward"] for rw in rws]
+    shared = _update_role(cfg, "solver", policies, optimizers, s_ep, st, dist, timer)
+    shared["proposer_updated"] = (cfg.proposer_update_freq > 0
+                                  and step % cfg.proposer_update_freq == 0)
+    if shared["proposer_updated"]:
+        shared.update(_update_role(cfg, "proposer", policies, optimizers, p_ep, st, dist, timer))
     else:
-        rec.update({"proposer_kl": None, "kl_coef_proposer_before": None,
-                    "kl_coef_proposer_after": None, "proposer_loss": None})
+        shared.update({"proposer_kl": None, "kl_coef_proposer_before": None,
+                       "kl_coef_proposer_after": None, "proposer_loss": None})
     sync_bad_images(pool, st, dist)
     # Ranks must hold identical adapters; the checksum in every record lets anyone check.
     # float64 accumulation without float64 copies of the weights, and one device sync.
     checksum = torch.stack([p.detach().sum(dtype=torch.float64)
                             for p in solver.parameters()]).sum().item()
-    rec.update(step_info=rw["step_info"], skipped_images=st.skipped_images,
-               solver_param_checksum=checksum,
-               nonfinite_skips=st.nonfinite_skips, seconds=round(time.time() - t0, 4),
-               generated_tokens=int(p_ep.rollout.mask.sum() + s_ep.rollout.mask.sum()))
-    return dist.gather(rec)
+    seconds = round(time.time() - t0, 4)
+    for b, (rec, rw) in enumerate(zip(recs, rws)):
+        tokens = p_ep.rollout.mask[b].sum() + s_ep.rollout.mask[b * N:(b + 1) * N].sum()
+        rec.update(shared)
+        rec.update(step_info=rw["step_info"], skipped_images=st.skipped_images,
+                   solver_param_checksum=checksum, nonfinite_skips=st.nonfinite_skips,
+                   seconds=seconds, generated_tokens=int(tokens))
+    return [rec for rank_recs in dist.gather(recs) for rec in rank_recs]
 
 
 def sync_bad_images(pool: ImagePool, st: TrainState, dist: Dist) -> None:
@@ -210,7 +233,10 @@ def _update_role(cfg: Config, role: str, policies: dict, optimizers: dict, episo
     b, beta = st.baseline[role], st.kl_coef[role]
     # A one-sample group has zero advantage, so the Proposer always uses the running baseline.
     use_group = cfg.baseline == "group" and role == "solver"
-    group_adv = R.advantages_for(episode.rewards, None)
+    # Every image's advantages use the baseline from before the step; then all rewards fold in,
+    # rank by rank and image by image. A group baseline is each image's own N rewards.
+    group_adv = R.advantages_for(episode.rewards, None,
+                                 len(episode.rewards) // episode.prompt.images)
     parts = _per_sample(episode) if cfg.update_mode == "per_sample" else [(0, episode)]
     per = {"baseline": [], "kl_coef": [], "kl": [], "loss": []}
     for first, part in parts:
@@ -263,9 +289,13 @@ def _adapt_kl_coef(cfg: Config, role: str, st: TrainState, kl: float, finite: bo
 
 # ---------------------------------------------------------------- setup, resume, loop
 def resolve_device_map(cfg: Config, dist: Dist) -> None:
+    """Under a multi-process launcher each rank holds one full copy on its own device, so 'auto'
+    (shard one copy over all GPUs) means 'local' there: a plain torchrun command just works."""
     if dist.world > 1 and cfg.device_map == "auto":
-        raise UserError(f"--device_map auto shards one model over all GPUs of one process; with "
-                        f"{dist.world} processes pass --device_map local (one full copy per rank)")
+        if dist.is_main:
+            log.info("--device_map auto with %d processes: one full model copy per rank on its "
+                     "local device (as --device_map local)", dist.world)
+        cfg.device_map = "local"
     if cfg.device_map == "local":
         cfg.device_map = str(dist.device)
 

@@ -58,6 +58,11 @@ class Prompt:
     def length(self) -> int:
         return self.inputs["input_ids"].shape[1]
 
+    @property
+    def images(self) -> int:
+        """Prompt rows, one image each (several rows are left-padded to one length)."""
+        return self.inputs["input_ids"].shape[0]
+
 
 # ---------------------------------------------------------------- loading
 def load_backbone(name: str, dtype: str, device_map: str, attn_implementation: str):
@@ -167,6 +172,20 @@ def make_prompt(policy: Policy, image, text: str, image_features=None) -> Prompt
     return Prompt(inputs, image_features)
 
 
+def make_prompts(policy: Policy, images: list, texts: list[str], image_features=None) -> Prompt:
+    """One prompt row per (image, text). One image is make_prompt's unpadded prompt; several are
+    left-padded to one length (attention mask 0 on the padding) and encoded in one vision call."""
+    if len(images) == 1:
+        return make_prompt(policy, images[0], texts[0], image_features)
+    chats = [chat_text(policy.processor, text) for text in texts]
+    inputs = policy.processor(text=chats, images=images, padding=True, padding_side="left",
+                              return_tensors="pt")
+    inputs = {k: v.to(policy.device) for k, v in inputs.items()}
+    if image_features is None and not policy.vision_trainable:
+        image_features = encode_image(policy.model, inputs)
+    return Prompt(inputs, image_features)
+
+
 @torch.no_grad()
 def encode_image(model, inputs) -> BaseModelOutputWithPooling:
     # LoRA lives in the language model only, so the vision output is the same for every
@@ -191,6 +210,23 @@ def _mm_kwargs(prompt: Prompt, n: int) -> dict:
     return {"mm_encoder_outputs": {"image": rows}, "image_grid_thw": grid}
 
 
+def _select_mm(prompt: Prompt, owner: list[int]) -> dict:
+    """Vision inputs for rows showing images `owner` (an index per row) of a several-image prompt,
+    in row order: the model fills image tokens in row-major order."""
+    grid = prompt.inputs["image_grid_thw"]
+    if prompt.image_features is None:
+        patches = prompt.inputs["pixel_values"].split(grid.prod(-1).tolist())
+        return {"pixel_values": torch.cat([patches[i] for i in owner]),
+                "image_grid_thw": grid[owner]}
+    feats = prompt.image_features
+    extra = {}
+    if getattr(feats, "deepstack_features", None) is not None:
+        extra["deepstack_features"] = [tuple(layer[i] for i in owner)
+                                       for layer in feats.deepstack_features]
+    rows = type(feats)(pooler_output=tuple(feats.pooler_output[i] for i in owner), **extra)
+    return {"mm_encoder_outputs": {"image": rows}, "image_grid_thw": grid[owner]}
+
+
 def suppressed_ids(processor) -> list[int]:
     # A sampled vision placeholder would break the image-token count of the loss forward.
     tok = processor.tokenizer
@@ -208,19 +244,21 @@ class Rollout:
 def generate(policy: Policy, prompt: Prompt, n: int, max_new_tokens: int, temperature: float,
              top_p: float, stop=None, top_k: int | None = None,
              repetition_penalty: float | None = None) -> Rollout:
-    """Sample n completions of one prompt, batched; return text and the sampled ids.
-    `stop` is an optional StoppingCriteria (the trainer's signal flag), polled every token.
-    top_k / repetition_penalty None: the model's generation_config values (sampling_settings)."""
+    """Sample n completions of each prompt row in one batched call (rows of one image are
+    consecutive); return text and the sampled ids. `stop` is an optional StoppingCriteria (the
+    trainer's signal flag), polled every token. top_k / repetition_penalty None: the model's
+    generation_config values (sampling_settings)."""
     top_k, repetition_penalty, _ = sampling_settings(policy, top_k, repetition_penalty)
     with acting(policy) as model:
         model.eval()
         eos = model.generation_config.eos_token_id
         # Our own loop (sampling.py): the prompt runs once, not n times, and the per-token
         # overhead is a fraction of HF generate's. HF's processors, in HF's order.
-        ids = decode(_core(model), model.get_output_embeddings(), prompt.inputs,
-                     _mm_kwargs(prompt, 1), n, max_new_tokens, temperature, top_p,
-                     suppressed_ids(policy.processor), eos, _pad_id(policy), stop,
-                     top_k, repetition_penalty)
+        mm = _mm_kwargs(prompt, 1) if prompt.images == 1 else \
+            _select_mm(prompt, list(range(prompt.images)))
+        ids = decode(_core(model), model.get_output_embeddings(), prompt.inputs, mm, n,
+                     max_new_tokens, temperature, top_p, suppressed_ids(policy.processor), eos,
+                     _pad_id(policy), stop, top_k, repetition_penalty)
     mask = completion_mask(ids, eos)
     texts = policy.processor.tokenizer.batch_decode(ids * mask + _pad_id(policy) * (1 - mask),
                                                    skip_special_tokens=True)
@@ -276,12 +314,23 @@ def completion_mask(ids: torch.Tensor, eos) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------- log-probs and KL
-def completion_logits(model, prompt: Prompt, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def row_images(prompt: Prompt, rows: int) -> torch.Tensor | None:
+    """Image index of each of `rows` completions of a several-image prompt (each image's rows
+    consecutive, as generate returns them); None for a one-image prompt."""
+    if prompt.images == 1:
+        return None
+    return torch.arange(prompt.images).repeat_interleave(rows // prompt.images)
+
+
+def completion_logits(model, prompt: Prompt, ids: torch.Tensor, mask: torch.Tensor,
+                      owner: torch.Tensor | None = None) -> torch.Tensor:
     """Logits [n, L, V] that predict each completion token, computed at completion positions only:
     the lm_head (and so the vocabulary-sized tensor) never sees the prompt or the image tokens.
     The n rows share one prompt, so it runs once and the completions attend to its key/value
     cache: the same function (gradients flow back through the shared cache) at P + n*L instead
-    of n*(P + L) token positions."""
+    of n*(P + L) token positions. With a several-image prompt, `owner` names each row's image."""
+    if owner is not None:
+        return _owned_completion_logits(model, prompt, ids, mask, owner)
     n, length = ids.shape
     p = prompt.inputs
     full = {"input_ids": torch.cat([p["input_ids"].expand(n, -1), ids], 1),
@@ -305,6 +354,36 @@ def completion_logits(model, prompt: Prompt, ids: torch.Tensor, mask: torch.Tens
                cache=pre.cache, use_cache=True)
     hidden = torch.cat([pre.last_hidden_state[:, -1:].expand(n, -1, -1), out.last_hidden_state], 1)
     return model.get_output_embeddings()(hidden)[:, :-1]  # same L + 1 positions as above
+
+
+def _owned_completion_logits(model, prompt: Prompt, ids, mask, owner) -> torch.Tensor:
+    """completion_logits for rows of a left-padded several-image prompt: each image this chunk
+    needs runs once, its key/value rows are gathered per completion, and padding is masked, with
+    positions from the mask, so a row's logits are those of its image's prompt alone."""
+    length, P, p = ids.shape[1], prompt.length, prompt.inputs
+    used = sorted(set(owner.tolist()))
+    local = torch.tensor([used.index(i) for i in owner.tolist()], device=ids.device)
+    full = {"input_ids": torch.cat([p["input_ids"][owner], ids], 1),
+            "attention_mask": torch.cat([p["attention_mask"][owner], mask], 1),
+            "mm_token_type_ids": torch.cat([p["mm_token_type_ids"][owner],
+                                            torch.zeros_like(ids)], 1)}
+    if _drops_cache(model):
+        out = model(**full, **_select_mm(prompt, owner.tolist()), logits_to_keep=length + 1,
+                    use_cache=False)
+        return out.logits[:, :-1]
+    core = _core(model)
+    pos, _ = core.get_rope_index(full["input_ids"], full["mm_token_type_ids"],
+                                 image_grid_thw=p["image_grid_thw"][owner],
+                                 attention_mask=full["attention_mask"])
+    first = [owner.tolist().index(i) for i in used]  # a row of each used image
+    pre = core(input_ids=p["input_ids"][used], attention_mask=p["attention_mask"][used],
+               mm_token_type_ids=p["mm_token_type_ids"][used], position_ids=pos[:, first, :P],
+               **_select_mm(prompt, used), use_cache=True)
+    pre.cache.batch_select_indices(local)
+    out = core(input_ids=ids, attention_mask=full["attention_mask"], position_ids=pos[:, :, P:],
+               cache=pre.cache, use_cache=True)
+    hidden = torch.cat([pre.last_hidden_state[local, -1:], out.last_hidden_state], 1)
+    return model.get_output_embeddings()(hidden)[:, :-1]
 
 
 def _drops_cache(model) -> bool:
@@ -333,11 +412,11 @@ def kl_per_token(logp: torch.Tensor, ref_logp: torch.Tensor, ids: torch.Tensor,
 
 
 @torch.no_grad()
-def reference_logprobs(policy: Policy, prompt: Prompt, ids, mask) -> torch.Tensor:
+def reference_logprobs(policy: Policy, prompt: Prompt, ids, mask, owner=None) -> torch.Tensor:
     with reference(policy) as ref:
         was_training = ref.training
         ref.eval()
-        logits = completion_logits(ref, prompt, ids, mask)
+        logits = completion_logits(ref, prompt, ids, mask, owner)
         ref.train(was_training)
     return F.log_softmax(logits.float(), dim=-1)
 
