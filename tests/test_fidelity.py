@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 import infer
 import rewards as R
+import statefile
 import train
 import vlm
 from config import Config
@@ -51,10 +52,10 @@ def published_run(tiny_model, image_dir, tmp_path_factory):
                       solver_prompt_file=str(out / "solver.txt"),
                       min_step_group_size="3", max_reasoning_steps="2", step_position_decay="0.3")
     texts = []
-    real = train.make_prompt
+    real = train.make_prompts
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(train, "make_prompt", lambda policy, image, text, **kw:
-                   texts.append(text) or real(policy, image, text, **kw))
+        mp.setattr(train, "make_prompts", lambda policy, images, prompt_texts, **kw:
+                   texts.extend(prompt_texts) or real(policy, images, prompt_texts, **kw))
         assert train.main(args) == 0
     return {"out": out, "run": out / "pub", "args": args, "texts": texts}
 
@@ -68,7 +69,7 @@ def test_prompt_files_are_used_and_saved(published_run):
     assert all(t.startswith("SOLVER-FILE {not a placeholder}\nQuestion: ") for t in texts[1::2])
     records = read_log(run)
     assert texts[1] == solver_prompt(records[0]["question"], SOLVER_FILE[:-1])
-    state = torch.load(run / "step_00002" / "trainer_state.pt", weights_only=False)
+    state = statefile.read_state(str(run / "step_00002"))
     assert state["prompts"] == {"proposer": PROPOSER_FILE[:-1], "solver": SOLVER_FILE[:-1]}
 
 
@@ -109,8 +110,7 @@ def test_per_sample_takes_n_adam_steps_and_logs_the_published_sequences(publishe
             beta = min(max(beta * math.exp(0.1 * min(0.2, max(-0.2, error))), 1e-8), 100)
         assert r["kl_coef_solver_after"] == pytest.approx(beta, rel=1e-12)
         assert r["solver_kl"] == pytest.approx(sum(r["solver_kl_per_sample"]) / N)
-    state = torch.load(published_run["run"] / "step_00002" / "trainer_state.pt",
-                       weights_only=False)
+    state = statefile.read_state(str(published_run["run"] / "step_00002"))
     steps = {int(s["step"]) for s in state["optimizers"]["solver"]["state"].values()}
     assert steps == {2 * N}  # one AdamW step per sample: N per image
     assert state["optimizers"]["proposer"]["state"] == {}  # never stepped
