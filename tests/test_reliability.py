@@ -65,7 +65,13 @@ def test_second_trainer_on_a_run_exits_2_and_the_first_completes(tiny_model, ima
     lock = os.path.join(run_dir, LOCK_FILE)
     wait_for(lambda: os.path.exists(lock) and f"pid {first.pid} " in open(lock).read(), first,
              "the lock")
-    second = cli(argv)
+    # Paused while the second starts, so it is surely still running (and holding the lock)
+    # however slow the machine is; a paused holder is also what a hung job looks like.
+    first.send_signal(signal.SIGSTOP)
+    try:
+        second = cli(argv)
+    finally:
+        first.send_signal(signal.SIGCONT)
     assert second.returncode == 2, second.stderr[-3000:]
     lines = error_lines(second.stderr)
     assert len(lines) == 1, lines
@@ -136,7 +142,8 @@ def test_model_that_cannot_load_is_one_line_naming_model_and_cause(kind, tiny_mo
     assert len(lines) == 1 and f"cannot load model {model}: " in lines[0], lines
     assert MODEL_FAULTS[kind] in lines[0], lines
     if kind == "missing_folder":  # infer/eval/export load through the same code
-        assert run.main(["infer", "--model", model, "--image", "x.png"]) == 2
+        image = next(os.path.join(d, f) for d, _, fs in sorted(os.walk(image_dir)) for f in fs)
+        assert run.main(["infer", "--model", model, "--image", image, "--question", "q?"]) == 2
         assert MODEL_FAULTS[kind] in error_lines(capsys.readouterr().err)[0]
 
 
