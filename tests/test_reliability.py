@@ -232,3 +232,22 @@ def test_pool_order_is_seeded_and_independent_of_creation_order(tmp_path):
     assert len(pools[0]) == 60
     other_seed = D.ImagePool(str(tmp_path / "a"), [], seed=6, max_pixels=28 * 28 * 4)
     assert other_seed.order(0) != pools[0].order(0)
+
+
+def test_hub_id_that_does_not_exist_says_so(monkeypatch):
+    """The hub answers 404 (simulated: this machine has no network); transformers wraps it in
+    an OSError whose cause is the hub client's RepositoryNotFoundError."""
+    import httpx
+    import transformers.utils.hub as hub
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    import backbone
+
+    def not_found(*args, **kwargs):
+        request = httpx.Request("GET", "https://huggingface.co/Qwen/typo/resolve/main/config.json")
+        raise RepositoryNotFoundError("404 Client Error. Repository Not Found",
+                                      response=httpx.Response(404, request=request))
+    monkeypatch.setattr(hub, "hf_hub_download", not_found)
+    with pytest.raises(train.UserError, match=r"cannot load model Qwen/typo: not a local folder "
+                                              r"and not a model on the Hugging Face Hub"):
+        backbone.load_backbone("Qwen/typo", None, "cpu", "sdpa")
