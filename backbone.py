@@ -26,7 +26,18 @@ def _looks_local(name: str) -> bool:
             or name.count("/") > 1)
 
 
+def _chain(e: BaseException):
+    while e is not None:
+        yield e
+        e = e.__cause__ or e.__context__
+
+
 def _hub_cause(e: OSError) -> str:
+    """transformers wraps the hub client's errors in OSErrors of varying text; the original is
+    in the exception chain."""
+    from huggingface_hub.errors import RepositoryNotFoundError
+    if any(isinstance(x, RepositoryNotFoundError) for x in _chain(e)):
+        return "not a local folder and not a model on the Hugging Face Hub (a typo?)"
     text = str(e)
     if "couldn't connect" in text or "offline" in text.lower():
         return ("not a local folder, not in the Hugging Face cache, and the Hub cannot be "

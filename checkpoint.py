@@ -217,8 +217,12 @@ RUN_FLAGS = ("total_steps", "output_dir", "wandb_run_name", "wandb_project", "wa
 def changed_flags(path: str, saved: dict, now: dict) -> list[str]:
     """`--flag old -> new` for every training flag that differs from the checkpoint's config.
     A changed model or LoRA flag is a UserError: the saved weights belong to the old one."""
+    missing = [key for key in MODEL_FLAGS if key not in saved]
+    if missing:  # every checkpoint records them: without them the weights cannot be matched
+        raise UserError(f"checkpoint {path}: config.{missing[0]} is missing from {STATE_JSON}; "
+                        f"{older_hint(path)}")
     for key in MODEL_FLAGS:
-        if key in saved and saved[key] != now[key]:
+        if saved[key] != now[key]:
             raise UserError(f"{path} was trained with --{key} {saved[key]}, not {now[key]}; "
                             f"use another --wandb_run_name to start afresh")
     return [f"--{key} {saved[key] if key in saved else '(not recorded)'} -> {value}"

@@ -51,8 +51,12 @@ def acquire(run_dir: str, run_name: str) -> int:
 
 @contextmanager
 def run_lock(run_dir: str, run_name: str, dist):
-    """Rank 0 holds the lock for the body; a refusal is raised on every rank alike."""
+    """Make run_dir; rank 0 holds the lock for the body; a refusal is raised on every rank."""
     fd, error = None, None
+    try:
+        os.makedirs(run_dir, exist_ok=True)  # every rank: a node without the folder fails here
+    except OSError as e:
+        raise UserError(f"cannot create run folder {run_dir} ({first_line(e)})") from e
     if dist.is_main:
         try:
             fd = acquire(run_dir, run_name)

@@ -28,7 +28,7 @@ from config import Config, parse_config
 from data_and_utils import (ImagePool, check_data_dir, extract_question, proposer_prompt,
                             solver_prompt)
 from distributed import Dist
-from errors import TrainingError, UserError, first_line, report
+from errors import TrainingError, UserError, report
 from logs import append_log, log_wandb, start_wandb
 from runlock import run_lock
 from runtime import keep_freed_memory, rng_state, seed_all, set_rng_state
@@ -397,11 +397,7 @@ def run_training(cfg: Config, dist: Dist) -> int:
     check_data_dir(cfg.data_dir)  # before a run folder is made for nothing
     run_name = dist.broadcast(cfg.wandb_run_name or time.strftime("run-%Y%m%d-%H%M%S"))
     run_dir = os.path.join(cfg.output_dir, run_name)
-    try:
-        os.makedirs(run_dir, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create run folder {run_dir} ({first_line(e)})") from e
-    with run_lock(run_dir, run_name, dist):  # one trainer per run folder, until exit
+    with run_lock(run_dir, run_name, dist):  # makes run_dir; one trainer per run, until exit
         return run_locked(cfg, dist, run_name, run_dir)
 
 

@@ -1,7 +1,7 @@
 """Image-pool scan on a large generated folder: scan time, memory, time to the first training image.
 
-    python scripts/bench_scan.py                      # 200,000 files under /tmp (made once, reused)
-    python scripts/bench_scan.py --files 20000 --root /tmp/scan-small
+    python scripts/bench_scan.py                      # 200,000 files in the temp folder (made once)
+    python scripts/bench_scan.py --files 20000 --root scan-small
 
 Generates ROOT/data/<4 subfolders>/<50 folders>/<10 folders>/img_N.png (tiny valid PNGs; the
 scan never opens them), then times, in one process: the previous scan (os.walk + a stat per
@@ -17,6 +17,7 @@ import io
 import os
 import resource
 import sys
+import tempfile
 import time
 import tracemalloc
 
@@ -77,7 +78,7 @@ def timed(fn):
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--root", default="/tmp/ireasoner-scan-bench")
+    ap.add_argument("--root", default=os.path.join(tempfile.gettempdir(), "ireasoner-scan-bench"))
     ap.add_argument("--files", type=int, default=200_000)
     args = ap.parse_args()
     data = os.path.join(args.root, f"data-{args.files}")

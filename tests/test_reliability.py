@@ -65,7 +65,13 @@ def test_second_trainer_on_a_run_exits_2_and_the_first_completes(tiny_model, ima
     lock = os.path.join(run_dir, LOCK_FILE)
     wait_for(lambda: os.path.exists(lock) and f"pid {first.pid} " in open(lock).read(), first,
              "the lock")
-    second = cli(argv)
+    # Paused while the second starts, so it is surely still running (and holding the lock)
+    # however slow the machine is; a paused holder is also what a hung job looks like.
+    first.send_signal(signal.SIGSTOP)
+    try:
+        second = cli(argv)
+    finally:
+        first.send_signal(signal.SIGCONT)
     assert second.returncode == 2, second.stderr[-3000:]
     lines = error_lines(second.stderr)
     assert len(lines) == 1, lines
@@ -124,13 +130,6 @@ MODEL_FAULTS = {
 }
 
 
-def any_image(folder: str) -> str:
-    for root, _, files in os.walk(folder):
-        for name in sorted(files):
-            return os.path.join(root, name)
-    raise AssertionError(f"no image in {folder}")
-
-
 @pytest.mark.parametrize("kind", list(MODEL_FAULTS))
 def test_model_that_cannot_load_is_one_line_naming_model_and_cause(kind, tiny_model, image_dir,
                                                                    tmp_path, capsys):
@@ -143,8 +142,8 @@ def test_model_that_cannot_load_is_one_line_naming_model_and_cause(kind, tiny_mo
     assert len(lines) == 1 and f"cannot load model {model}: " in lines[0], lines
     assert MODEL_FAULTS[kind] in lines[0], lines
     if kind == "missing_folder":  # infer/eval/export load through the same code
-        assert run.main(["infer", "--model", model, "--image", any_image(image_dir),
-                             "--question", "q"]) == 2
+        image = next(os.path.join(d, f) for d, _, fs in sorted(os.walk(image_dir)) for f in fs)
+        assert run.main(["infer", "--model", model, "--image", image, "--question", "q?"]) == 2
         assert MODEL_FAULTS[kind] in error_lines(capsys.readouterr().err)[0]
 
 
@@ -233,3 +232,22 @@ def test_pool_order_is_seeded_and_independent_of_creation_order(tmp_path):
     assert len(pools[0]) == 60
     other_seed = D.ImagePool(str(tmp_path / "a"), [], seed=6, max_pixels=28 * 28 * 4)
     assert other_seed.order(0) != pools[0].order(0)
+
+
+def test_hub_id_that_does_not_exist_says_so(monkeypatch):
+    """The hub answers 404 (simulated: this machine has no network); transformers wraps it in
+    an OSError whose cause is the hub client's RepositoryNotFoundError."""
+    import httpx
+    import transformers.utils.hub as hub
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    import backbone
+
+    def not_found(*args, **kwargs):
+        request = httpx.Request("GET", "https://huggingface.co/Qwen/typo/resolve/main/config.json")
+        raise RepositoryNotFoundError("404 Client Error. Repository Not Found",
+                                      response=httpx.Response(404, request=request))
+    monkeypatch.setattr(hub, "hf_hub_download", not_found)
+    with pytest.raises(train.UserError, match=r"cannot load model Qwen/typo: not a local folder "
+                                              r"and not a model on the Hugging Face Hub"):
+        backbone.load_backbone("Qwen/typo", None, "cpu", "sdpa")

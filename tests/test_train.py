@@ -52,7 +52,8 @@ def test_cli_run_writes_log_and_checkpoint_layout(cli_run):
         assert all(isinstance(w, int) for w in r["pre_answer_words"])
     assert [r["proposer_updated"] for r in records] == [False, True, False]
     assert records[0]["proposer_kl"] is None and records[1]["proposer_kl"] is not None
-    assert sorted(os.listdir(cli_run)) == ["iter_log.jsonl", "step_00002", "step_00003"]
+    assert sorted(os.listdir(cli_run)) == ["iter_log.jsonl", "run.lock", "step_00002",
+                                           "step_00003"]
     ckpt = os.path.join(cli_run, "step_00003")
     assert sorted(os.listdir(ckpt)) == ["SAVE_OK", "proposer", "solver", "trainer_state.json",
                                         "trainer_state.safetensors"]
