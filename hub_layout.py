@@ -5,8 +5,8 @@ text_config with rope_parameters: 4.x then finds no rope_scaling and crashes on 
 and a processor_config.json in place of preprocessor_config.json. The hub folders instead have a
 flat config.json with rope_scaling {"type": "mrope"} and rope_theta, safetensors under the hub key
 names (model.layers.*, model.embed_tokens, model.norm, visual.*, lm_head), vocab.json + merges.txt
-next to tokenizer.json, preprocessor_config.json and chat_template.json. transformers 4.52+ and 5
-both read that layout. tiny.py writes its test models this way; export.py keeps a base's files.
+next to tokenizer.json, preprocessor_config.json and chat_template.json. transformers 4.x (4.51.3,
+4.52.4 and 4.57.1 tested) and 5 all read that layout. tiny.py writes its test models this way; export.py keeps a base's files.
 
     python tiny.py runs/tiny-model        # a tiny Qwen2.5-VL in this layout
 """
@@ -23,7 +23,7 @@ SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokeni
 INDEX = "model.safetensors.index.json"
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]  # Qwen2/2.5-VL normalise with CLIP's statistics
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
-# Written by the hub folders' own transformers era: 4.x readers take it at face value.
+# The transformers_version a config.json records: a 4.x one, as in the published folders.
 HUB_TRANSFORMERS_VERSION = "4.49.0"
 # Keys of transformers 5 configs that the hub's config.json does not have (the generic
 # PretrainedConfig ones are dropped as well).

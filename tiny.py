@@ -186,20 +186,20 @@ def build_tiny_model(out_dir: str, hidden: int = 128, layers: int = 2, intermedi
                      fullatt_block_indexes: list[int] | None = None,
                      dtype: str = "float32", layout: str | None = None) -> str:
     """Write a random-weight Qwen-VL checkpoint folder of the given generation (one of FAMILIES)
-    and return its path. An existing complete folder is reused if it is of the same family and
-    layout. layout: "hub" (default for Qwen2/2.5-VL: as the real checkpoints are published) or
-    "transformers5" (the only one for Qwen3-VL). fullatt_block_indexes (Qwen2.5-VL: vision blocks
+    and return its path. An existing complete folder is reused if it is of the same family (and
+    of the layout asked for, if one is). layout: "hub" (default for Qwen2/2.5-VL: as the real
+    checkpoints are published) or "transformers5" (the only one for Qwen3-VL). fullatt_block_indexes (Qwen2.5-VL: vision blocks
     with full, not windowed, attention; default the last) and dtype (of the saved weights) let
     bench.py build the real 3B shapes."""
     from transformers import Qwen2VLImageProcessor
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
-    layout = layout or ("transformers5" if family == "qwen3_vl" else "hub")
+    asked, layout = layout, layout or ("transformers5" if family == "qwen3_vl" else "hub")
     if layout not in LAYOUTS or (layout == "hub" and family == "qwen3_vl"):
         raise ValueError(f"layout must be one of {LAYOUTS} (hub: Qwen2/2.5-VL only), got {layout!r}")
     found = _read_marker(out_dir)
     if found is not None:
-        if found != (family, layout):
+        if found[0] != family or (asked and found[1] != layout):
             raise ValueError(f"{out_dir} already holds a tiny {found[0]} model in the {found[1]} "
                              f"layout, not {family} in the {layout} layout")
         return out_dir
