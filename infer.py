@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import pickle
-import shutil
 import sys
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -88,19 +87,15 @@ def adapter_kind(path: str) -> str:
     raise UserError(f"adapter {path} {what}")
 
 
-def _dtype(args, export: bool = False) -> str:
+def _dtype(args) -> str:
     if args.dtype != "auto":
         return args.dtype
-    if not export:  # bfloat16 matmuls on CPU are slow and lossy
-        return "float32" if args.device == "cpu" else "bfloat16"
-    from transformers import AutoConfig
-    saved = getattr(AutoConfig.from_pretrained(args.model), "dtype", None)
-    return {v: k for k, v in vlm.DTYPES.items()}.get(saved, "float32")
+    return "float32" if args.device == "cpu" else "bfloat16"  # bf16 CPU matmuls: slow and lossy
 
 
-def load_base(name: str, args, export: bool = False):
+def load_base(name: str, args):
     try:
-        return vlm.load_backbone(name, _dtype(args, export), args.device, args.attn_implementation)
+        return vlm.load_backbone(name, _dtype(args), args.device, args.attn_implementation)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load model {name}: {first_line(e)}") from e
 
@@ -392,32 +387,9 @@ def format_table(labels: dict, totals: dict, n: int) -> str:
 
 # ---------------------------------------------------------------- export
 def cmd_export(args) -> int:
-    """Merge the LoRA into the base and save a plain model + processor any harness can load."""
-    from peft import PeftModel
-    if adapter_kind(args.adapter) != "lora":
-        raise UserError(f"{args.adapter} is already a full model: load it directly")
-    if os.path.exists(args.out) and (not os.path.isdir(args.out) or os.listdir(args.out)):
-        raise UserError(f"--out {args.out} already exists; pick a new folder")
-    base, processor = load_base(args.model, args, export=True)
-    try:
-        merged = PeftModel.from_pretrained(base, args.adapter).merge_and_unload()
-    except (OSError, ValueError, KeyError, RuntimeError, pickle.UnpicklingError) as e:
-        raise UserError(f"cannot load adapter {args.adapter} onto {args.model}: "
-                        f"{first_line(e)}") from e
-    # Written next to the target and renamed, so --out is either complete or absent.
-    tmp = args.out.rstrip("/") + ".tmp-export"
-    try:
-        shutil.rmtree(tmp, ignore_errors=True)
-        merged.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
-        if os.path.isdir(args.out):
-            os.rmdir(args.out)  # empty, checked above
-        os.replace(tmp, args.out)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(f"writing {args.out} failed: {e.strerror or e}") from e
-    print(f"merged model written to {args.out}")
-    return 0
+    """Merge the LoRA into the base and save a plain model any harness can load (export.py)."""
+    import export
+    return export.export(args.model, args.adapter, args.out, args.dtype, args.device)
 
 
 # ---------------------------------------------------------------- entry point

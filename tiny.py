@@ -1,11 +1,17 @@
 """Tiny random-weight Qwen-VL checkpoints and synthetic images, for tests, the demo and bench.py.
 
-Tests and bench.py run without downloads, so we build a real checkpoint folder locally: a small
-Qwen2-VL, Qwen2.5-VL or Qwen3-VL config, random weights, a byte-level BPE tokenizer trained
-in-process, a Qwen-style chat template and the real processor. It loads back through
-`from_pretrained` like a hub model.
+Tests build a real checkpoint folder locally instead of downloading one: a small Qwen2-VL,
+Qwen2.5-VL or Qwen3-VL config, random weights, a byte-level BPE tokenizer with Qwen2's
+pre-tokenizer trained in-process, a Qwen-style chat template and the real processor. It loads back
+through `from_pretrained` like a hub model.
 
-    python tiny.py runs/tiny-model             # writes a tiny Qwen2.5-VL to that folder
+Qwen2/2.5-VL folders are written in the hub layout of the real checkpoints (what users download):
+a flat transformers-4.x config.json with rope_scaling {"type": "mrope"} and rope_theta, sharded
+safetensors with the hub key names (model.layers.*, visual.*, lm_head.*) and an index, vocab.json,
+merges.txt, tokenizer.json, tokenizer_config.json, preprocessor_config.json, chat_template.json and
+generation_config.json. layout="transformers5" writes what transformers 5's save_pretrained writes.
+
+    python tiny.py runs/tiny-model             # writes a tiny Qwen2.5-VL (hub layout) to that folder
     python tiny.py runs/tiny-q3 qwen3_vl       # or qwen2_vl: another generation
 """
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import sys
 
 import torch
@@ -31,8 +38,11 @@ CHAT_TEMPLATE = (
     "<|im_start|>{{ message['role'] }}\n"
     "{% if message['content'] is string %}{{ message['content'] }}"
     "{% else %}{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}"
     "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
@@ -59,17 +69,27 @@ def _corpus(seed: int, n_words: int = 40000) -> list[str]:
     return lines
 
 
+# Qwen2's pre-tokenizer split: the real tokenizer.json and the slow Qwen2Tokenizer (vocab.json +
+# merges.txt) both use it, so fast and slow tokenizers give the same ids. Digits split one by one.
+QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+              r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
 def build_tokenizer(vocab_size: int, seed: int = 0):
-    """Byte-level BPE trained in-process, padded with filler tokens to exactly vocab_size."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    """Byte-level BPE trained in-process, then the special tokens after the BPE ids (as in the real
+    Qwen vocabulary), then filler tokens up to exactly vocab_size."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(SPECIAL_TOKENS),
-                                  special_tokens=SPECIAL_TOKENS, show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(SPECIAL_TOKENS), show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(_corpus(seed), trainer=trainer)
+    tok.add_special_tokens(SPECIAL_TOKENS)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
                                    pad_token="<|endoftext|>", padding_side="left",
                                    extra_special_tokens={"image_token": "<|image_pad|>",
@@ -147,26 +167,43 @@ def _family_classes(family: str):
             Qwen3VLVideoProcessor, 16)
 
 
+LAYOUTS = ("hub", "transformers5")
+
+
+def _read_marker(out_dir: str) -> tuple[str, str] | None:
+    """(family, layout) of a complete tiny folder, None if there is none."""
+    marker = os.path.join(out_dir, "SAVE_OK")
+    if not os.path.exists(marker):
+        return None
+    with open(marker) as f:
+        words = f.read().split()[1:]  # "tiny <family> [<layout>]"
+    family = {"qwen2.5-vl": "qwen2_5_vl"}.get(words[0], words[0])  # marker of older builds
+    return family, words[1] if len(words) > 1 else "transformers5"
+
+
 def build_tiny_model(out_dir: str, hidden: int = 128, layers: int = 2, intermediate: int = 256,
                      heads: int = 4, kv_heads: int = 2, vocab: int = 1024, vision_depth: int = 2,
                      vision_hidden: int = 64, vision_heads: int = 2, vision_intermediate: int = 128,
                      max_pixels: int = 224 * 224, seed: int = 0, family: str = "qwen2_5_vl",
                      fullatt_block_indexes: list[int] | None = None,
-                     dtype: str = "float32") -> str:
+                     dtype: str = "float32", layout: str | None = None) -> str:
     """Write a random-weight Qwen-VL checkpoint folder of the given generation (one of FAMILIES)
-    and return its path. An existing complete folder is reused if it is of the same family.
-    fullatt_block_indexes (Qwen2.5-VL: vision blocks with full, not windowed, attention; default
-    the last) and dtype (of the saved weights) let bench.py build the real 3B shapes."""
+    and return its path. An existing complete folder is reused if it is of the same family (and
+    of the layout asked for, if one is). layout: "hub" (default for Qwen2/2.5-VL: as the real
+    checkpoints are published) or "transformers5" (the only one for Qwen3-VL). fullatt_block_indexes (Qwen2.5-VL: vision blocks
+    with full, not windowed, attention; default the last) and dtype (of the saved weights) let
+    bench.py build the real 3B shapes."""
     from transformers import Qwen2VLImageProcessor
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
-    marker = os.path.join(out_dir, "SAVE_OK")
-    if os.path.exists(marker):
-        with open(marker) as f:
-            found = f.read().split()[-1]
-        found = {"qwen2.5-vl": "qwen2_5_vl"}.get(found, found)  # marker of older builds
-        if found != family:
-            raise ValueError(f"{out_dir} already holds a tiny {found} model, not {family}")
+    asked, layout = layout, layout or ("transformers5" if family == "qwen3_vl" else "hub")
+    if layout not in LAYOUTS or (layout == "hub" and family == "qwen3_vl"):
+        raise ValueError(f"layout must be one of {LAYOUTS} (hub: Qwen2/2.5-VL only), got {layout!r}")
+    found = _read_marker(out_dir)
+    if found is not None:
+        if found[0] != family or (asked and found[1] != layout):
+            raise ValueError(f"{out_dir} already holds a tiny {found[0]} model in the {found[1]} "
+                             f"layout, not {family} in the {layout} layout")
         return out_dir
     config_cls, model_cls, processor_cls, video_cls, patch = _family_classes(family)
     tokenizer = build_tokenizer(vocab, seed)
@@ -186,18 +223,22 @@ def build_tiny_model(out_dir: str, hidden: int = 128, layers: int = 2, intermedi
     gen.eos_token_id = [ids["<|im_end|>"], ids["<|endoftext|>"]]
     gen.pad_token_id = ids["<|endoftext|>"]
     gen.bos_token_id = ids["<|endoftext|>"]
-    # Qwen3-VL normalises pixels to [-1, 1]; the older generations use the CLIP statistics.
-    norm = dict(image_mean=[0.5] * 3, image_std=[0.5] * 3) if family == "qwen3_vl" else {}
-    image_processor = Qwen2VLImageProcessor(size={"shortest_edge": 56 * 56, "longest_edge": max_pixels},
-                                            patch_size=patch, merge_size=2, temporal_patch_size=2,
-                                            **norm)
-    processor = processor_cls(image_processor=image_processor, tokenizer=tokenizer,
-                              video_processor=video_cls(), chat_template=CHAT_TEMPLATE)
     with atomic_dir(out_dir, out_dir.rstrip("/") + ".tmp") as tmp:
-        model.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
+        if layout == "hub":
+            import hub_layout
+            hub_layout.write(tmp, model, tokenizer, CHAT_TEMPLATE, max_pixels, dtype)
+        else:
+            # Qwen3-VL normalises pixels to [-1, 1]; the older generations use the CLIP statistics.
+            norm = dict(image_mean=[0.5] * 3, image_std=[0.5] * 3) if family == "qwen3_vl" else {}
+            image_processor = Qwen2VLImageProcessor(
+                size={"shortest_edge": 56 * 56, "longest_edge": max_pixels}, patch_size=patch,
+                merge_size=2, temporal_patch_size=2, **norm)
+            processor = processor_cls(image_processor=image_processor, tokenizer=tokenizer,
+                                      video_processor=video_cls(), chat_template=CHAT_TEMPLATE)
+            model.save_pretrained(tmp)
+            processor.save_pretrained(tmp)
         with open(os.path.join(tmp, "SAVE_OK"), "w") as f:
-            f.write(f"tiny {family}\n")
+            f.write(f"tiny {family} {layout}\n")
     return out_dir
 
 

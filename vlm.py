@@ -454,7 +454,8 @@ ADAPTER_FILE = "adapter_model.safetensors"
 
 def save_policy(policy: Policy, path: str) -> None:
     """A standard PEFT adapter folder (adapter_config.json + adapter_model.safetensors at its top
-    level, loadable by PeftModel.from_pretrained and lmms-eval's lora_path), or a full model."""
+    level, loadable by PeftModel.from_pretrained: EvoLMM's lmms-eval `qwen2_5_vl_our` takes it as
+    lora_path; upstream lmms-eval needs the merged export), or a full model."""
     if policy.adapter is None:
         policy.model.save_pretrained(path)
         policy.processor.save_pretrained(path)

@@ -1,4 +1,6 @@
-"""Shared fixtures: one tiny random Qwen2.5-VL and a folder of synthetic images per session.
+"""Shared fixtures: one tiny random Qwen2.5-VL per session, written in the hub layout of the real
+checkpoints (tiny.py, hub_layout.py) and loaded through from_pretrained like them, and a folder of
+synthetic images.
 
     python -m pytest
 """
@@ -56,13 +58,13 @@ def every_log_is_strict_json(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> str:
-    return build_tiny_model(str(tmp_path_factory.mktemp("models") / "tiny-a"))
+    return build_tiny_model(str(tmp_path_factory.mktemp("models") / "tiny-a"), layout="hub")
 
 
 @pytest.fixture(scope="session")
 def tiny_model_b(tmp_path_factory) -> str:
     """A second, different tiny model (other seed) for the separate-backbones case."""
-    return build_tiny_model(str(tmp_path_factory.mktemp("models") / "tiny-b"), seed=1)
+    return build_tiny_model(str(tmp_path_factory.mktemp("models") / "tiny-b"), seed=1, layout="hub")
 
 
 @pytest.fixture(scope="session")
