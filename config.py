@@ -160,10 +160,11 @@ class Config:
                f"--step_reward_warmup must be in [0, 1), got {self.step_reward_warmup}")
         for name in ("step_reward_weight_start", "step_reward_weight_end"):
             _check(0 <= getattr(self, name) <= 1, f"--{name} must be in [0, 1]")
-        # per_sample updates one completion at a time (issue 10); its B > 1 form is not built.
+        # getattr: --update_mode may be declared after this check was written; per_sample has
+        # no several-image form, so it is refused rather than silently run differently.
         _check(self.images_per_step == 1 or getattr(self, "update_mode", "") != "per_sample",
-               "--update_mode per_sample updates image by image; with --images_per_step > 1 use "
-               "the default update mode, or set --images_per_step 1")
+               "--update_mode per_sample is not built for several images per step: use "
+               "--images_per_step 1 with it, or another --update_mode")
         _check(self.freeze_vision or not (self.use_lora_solver or self.use_lora_proposer),
                "--no_freeze_vision trains the vision tower in full, but LoRA roles share the frozen "
                "base as their reference: drop --no_freeze_vision or turn LoRA off")
