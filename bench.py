@@ -76,8 +76,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "on a shared 2-core CPU: decode ops are too small to split, and OpenMP "
                         "spin-waiting makes a 2nd thread 10x slower when another process wants it")
     p.add_argument("--images_per_step", default="1",
-                   help="comma-separated B values (images per step), timed in turns; the smallest is "
-                        "the yardstick; the reference-style step runs one image per step")
+                   help="comma-separated B values (images per step), timed in turns; the "
+                        "smallest is the yardstick; the reference-style step runs one image")
     p.add_argument("--update_micro_batch", type=int, default=0)
     p.add_argument("--gradient_checkpointing", action="store_true")
     p.add_argument("--attn_implementation", default="sdpa")
