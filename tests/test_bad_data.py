@@ -308,7 +308,7 @@ def test_hostile_question_reaches_the_solver_prompt(policies_setup, monkeypatch,
         return out
     monkeypatch.setattr(train, "generate", proposer_says)
     image = Image.new("RGB", (56, 56), (10, 120, 200))
-    episodes = train.rollout(cfg, policies, image, None)
+    episodes = train.rollout(cfg, policies, [image], None)
     assert "<|" not in extract_question(proposer_text)
     texts = episodes["solver"].rollout.texts
     assert len(texts) == cfg.num_solver_samples

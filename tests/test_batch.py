@@ -6,7 +6,6 @@ across ranks exactly.
 """
 import json
 import os
-from dataclasses import dataclass
 
 import pytest
 import torch
@@ -192,13 +191,9 @@ def test_config_checks_images_per_step():
     with pytest.raises(ValueError, match="images_per_step"):
         Config(images_per_step=0)
 
-    @dataclass
-    class WithUpdateMode(Config):  # the update_mode flag of issue 10, however it is declared
-        update_mode: str = "per_sample"
-
-    with pytest.raises(ValueError, match="per_sample"):
-        WithUpdateMode(images_per_step=2)
-    assert WithUpdateMode(images_per_step=1).images_per_step == 1
+    with pytest.raises(ValueError, match="--update_mode per_sample conflicts with --images_per_step"):
+        Config(images_per_step=2, update_mode="per_sample")
+    assert Config(images_per_step=1, update_mode="per_sample").images_per_step == 1
 
 
 # ---------------------------------------------------------------- whole runs
