@@ -256,7 +256,9 @@ def test_batched_two_steps_resume_two_steps_equals_four(runs):
 @pytest.mark.slow
 def test_two_processes_take_eight_distinct_images_per_step(tiny_model, image_dir, tmp_path):
     args = batched_args(tiny_model, image_dir, str(tmp_path), "ddp", 1)
-    torchrun([os.path.join(ROOT, "train.py"), *args], timeout=400)
+    args[args.index("--device_map") + 1] = "auto"  # under torchrun: one full copy per rank
+    proc = torchrun([os.path.join(ROOT, "train.py"), *args], timeout=400)
+    assert proc.stderr.count("one full model copy per rank") == 1
     records = read_log(os.path.join(tmp_path, "ddp"))
     assert [(r["rank"], r["image_index"]) for r in records] == \
         [(k, b) for k in (0, 1) for b in range(B)]
