@@ -1,5 +1,6 @@
-"""train.main under torchrun, reporting per rank whether the process group outlived it
-(for tests/test_distributed.py; not a test file itself).
+"""train.main under torchrun, reporting per rank whether the process group outlived it, in a file
+output_dir/exit-rank<N> (for tests/test_distributed.py; not a test file itself). A file per rank,
+not stdout: two ranks' lines on one shared pipe are not guaranteed to both arrive intact.
 
     python -m torch.distributed.run --nproc_per_node 2 tests/ddp_exit.py TRAIN_ARGS...
 """
@@ -14,6 +15,7 @@ import train  # noqa: E402
 
 if __name__ == "__main__":
     code = train.main(sys.argv[1:])
-    print(f"rank {os.environ['RANK']} exit {code} group_left_open "
-          f"{torch.distributed.is_initialized()}", flush=True)
+    out = sys.argv[sys.argv.index("--output_dir") + 1]
+    with open(os.path.join(out, f"exit-rank{os.environ['RANK']}"), "w") as f:
+        f.write(f"{code} {torch.distributed.is_initialized()}\n")
     sys.exit(code)

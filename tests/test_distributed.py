@@ -103,10 +103,16 @@ def test_averaged_gradients_equal_single_process_update_on_both_rollouts(tiny_mo
                if "lora_B.solver" in n)
 
 
-def exits(proc) -> dict:
-    """{rank: (its exit code, whether its process group was still open after train.main)}."""
-    lines = [line.split() for line in proc.stdout.splitlines() if " group_left_open " in line]
-    return {int(w[1]): (int(w[3]), w[5] == "True") for w in lines}
+def exits(out) -> dict:
+    """{rank: (its exit code, whether its process group was still open after train.main)}, from
+    the files tests/ddp_exit.py writes into the output folder."""
+    found = {}
+    for rank in (0, 1):
+        path = os.path.join(out, f"exit-rank{rank}")
+        if os.path.exists(path):
+            code, left_open = open(path).read().split()
+            found[rank] = (int(code), left_open == "True")
+    return found
 
 
 @pytest.mark.parametrize("attempt", range(3))
@@ -115,18 +121,21 @@ def test_finished_run_exits_zero_on_both_ranks_with_the_group_closed(tiny_model,
     """Repeated on purpose: a rank aborting at exit ("terminate called without an active
     exception") was a race, seen in most full-suite runs on 2 cores before Dist.close."""
     args = train_args(tiny_model, image_dir, str(tmp_path), "exit", steps=1)
-    proc = torchrun([os.path.join(ROOT, "tests", "ddp_exit.py"), *args])
-    assert exits(proc) == {0: (0, False), 1: (0, False)}
+    torchrun([os.path.join(ROOT, "tests", "ddp_exit.py"), *args])
+    assert exits(str(tmp_path)) == {0: (0, False), 1: (0, False)}
     assert os.path.isdir(tmp_path / "exit" / "step_00001")
 
 
 def test_error_exit_closes_the_group_on_both_ranks(tmp_path):
-    args = ["--data_dir", str(tmp_path)]  # no images: refused once the group is up
+    out = tmp_path / "out"
+    out.mkdir()
+    # no images: refused once the group is up
+    args = ["--data_dir", str(tmp_path / "empty"), "--output_dir", str(out)]
+    (tmp_path / "empty").mkdir()
     # torchrun reports any failed rank as 1; each rank's own code is 2 (a user error)
     proc = torchrun([os.path.join(ROOT, "tests", "ddp_exit.py"), *args], returncode=1)
-    assert exits(proc) == {0: (2, False), 1: (2, False)}
+    assert exits(str(out)) == {0: (2, False), 1: (2, False)}
     assert "no images found" in proc.stderr
-
 
 
 def test_per_sample_updates_stay_identical_across_ranks(tiny_model, image_dir, tmp_path):
