@@ -25,9 +25,12 @@ import torch
 from PIL import Image, ImageDraw
 
 from data_and_utils import proposer_prompt, solver_prompt
-from tiny import COLORS, build_tiny_model
+from tiny import build_tiny_model
 
 QUESTION = "What color is the shape?"
+# Saturated, so that every pair differs strongly in some channel: the tiny model learns to tell
+# them apart in a few dozen steps.
+COLORS = {"red": (230, 0, 0), "green": (0, 190, 0), "blue": (0, 0, 230), "yellow": (240, 220, 0)}
 SHAPES = ("circle", "square", "triangle")
 IMAGE_SIZE = 168           # 36 image tokens: enough for the colour to be found quickly
 MAX_PIXELS = IMAGE_SIZE * IMAGE_SIZE
@@ -38,12 +41,13 @@ BUILD_VERSION = 1          # bump when the warm start below changes in a way the
 @dataclass
 class WarmStart:
     """The supervised warm start. Its fields (and the prompts) key the model cache."""
-    clean_steps: int = 70      # optimizer steps on true labels: it learns to see the colour
-    noisy_steps: int = 30      # then steps on noisy labels, at noisy_lr: it learns to doubt
-    batch: int = 8             # solver examples per step (plus two proposer examples)
+    clean_steps: int = 90      # optimizer steps on true labels: it learns to see the colour
+    batch: int = 8             # images per clean step (plus two proposer examples)
     lr: float = 3e-3
-    noisy_lr: float = 1e-3
-    label_noise: float = 0.6   # share of noisy targets whose colour is replaced by a random one
+    soft_steps: int = 30       # then steps on soft labels, at soft_lr: it learns to doubt
+    soft_images: int = 2       # images per soft step, each with all four colours as targets
+    soft_lr: float = 1e-3
+    confidence: float = 0.5    # soft-label weight of the true colour; the rest share 1 - this
     seed: int = 0
 
 
@@ -119,12 +123,21 @@ PROPOSER_TARGET = (f"<question>{QUESTION}</question> "
                    "<rationale>The answer needs the image.</rationale>")
 
 
+def _hash(obj) -> str:
+    return hashlib.sha1(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def task_key() -> str:
+    """Changes whenever the images would."""
+    return _hash({"colors": COLORS, "shapes": SHAPES, "size": IMAGE_SIZE, "radius": RADIUS,
+                  "version": BUILD_VERSION})
+
+
 def cache_key(ws: WarmStart) -> str:
     """Changes whenever a prompt text, the task or the warm-start recipe does."""
-    text = json.dumps({"solver": solver_prompt(QUESTION), "proposer": proposer_prompt(),
-                       "target": solver_target("red", "circle"), "q": PROPOSER_TARGET,
-                       "size": IMAGE_SIZE, "version": BUILD_VERSION, **asdict(ws)}, sort_keys=True)
-    return hashlib.sha1(text.encode()).hexdigest()[:10]
+    return _hash({"solver": solver_prompt(QUESTION), "proposer": proposer_prompt(),
+                  "target": solver_target("red", "circle"), "q": PROPOSER_TARGET,
+                  "task": task_key(), **asdict(ws)})
 
 
 def _chat(processor, prompt: str) -> str:
@@ -148,28 +161,45 @@ def _batch(processor, examples: list[tuple[Image.Image, str, str]]) -> tuple[dic
     return inputs, labels
 
 
-def _loss(model, inputs: dict, labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy on the targets; the vocabulary projection runs at target positions only."""
+def _loss(model, inputs: dict, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Weighted mean over examples of each target's mean token cross-entropy; the vocabulary
+    projection runs at target positions only."""
     k = labels.shape[1]
     logits = model(**inputs, logits_to_keep=k + 1).logits[:, :-1]
-    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
-                                             labels.reshape(-1), ignore_index=-100)
+    ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2).float(), labels,
+                                           ignore_index=-100, reduction="none")
+    per_example = ce.sum(1) / (labels != -100).sum(1).clamp(min=1)
+    return (per_example * weights).sum() / weights.sum()
 
 
-def _examples(rng: random.Random, noise: float, exclude: set, n: int) -> list:
+def _scenes(rng: random.Random, exclude: set, n: int) -> list:
     out = []
     while len(out) < n:
         img, color, shape = draw_scene(rng)
-        if image_key(img) in exclude:  # never train on a demo training or evaluation image
-            continue
-        if rng.random() < noise:
-            color = rng.choice(sorted(COLORS))
-        out.append((img, solver_prompt(QUESTION), solver_target(color, shape)))
+        if image_key(img) not in exclude:  # never train on a demo training or evaluation image
+            out.append((img, color, shape))
+    return out
+
+
+def _clean_examples(rng: random.Random, exclude: set, n: int) -> list:
+    """(image, prompt, target, weight) with the true colour."""
+    return [(img, solver_prompt(QUESTION), solver_target(color, shape), 1.0)
+            for img, color, shape in _scenes(rng, exclude, n)]
+
+
+def _soft_examples(rng: random.Random, exclude: set, n: int, confidence: float) -> list:
+    """Each image with every colour as its target, weighted: a soft label, balanced over the
+    colours in every batch, so the doubt it teaches carries no bias toward any colour."""
+    out = []
+    for img, truth, shape in _scenes(rng, exclude, n):
+        for color in sorted(COLORS):
+            weight = confidence if color == truth else (1 - confidence) / (len(COLORS) - 1)
+            out.append((img, solver_prompt(QUESTION), solver_target(color, shape), weight))
     return out
 
 
 def warm_start(base_dir: str, out_dir: str, ws: WarmStart, exclude: set) -> None:
-    """Full supervised fine-tune of the tiny model on noisy labels; writes out_dir atomically."""
+    """Full supervised fine-tune of the tiny model, true then soft labels; writes out_dir atomically."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
     torch.manual_seed(ws.seed)
     rng = random.Random(ws.seed)
@@ -178,16 +208,21 @@ def warm_start(base_dir: str, out_dir: str, ws: WarmStart, exclude: set) -> None
     opt = torch.optim.AdamW(model.parameters(), lr=ws.lr, weight_decay=0.0)
     model.train()
     t0 = time.time()
-    steps = ws.clean_steps + ws.noisy_steps
+    steps = ws.clean_steps + ws.soft_steps
     for step in range(1, steps + 1):
-        noise = ws.label_noise if step > ws.clean_steps else 0.0
-        if step == ws.clean_steps + 1:
-            for group in opt.param_groups:
-                group["lr"] = ws.noisy_lr
-        examples = _examples(rng, noise, exclude, ws.batch)
+        if step <= ws.clean_steps:
+            examples = _clean_examples(rng, exclude, ws.batch)
+        else:
+            if step == ws.clean_steps + 1:
+                # A fresh optimizer: Adam's moments from the near-zero clean loss would turn
+                # the first soft-label gradients into huge steps.
+                opt = torch.optim.AdamW(model.parameters(), lr=ws.soft_lr, weight_decay=0.0)
+            examples = _soft_examples(rng, exclude, ws.soft_images, ws.confidence)
         # The Proposer's question needs little: a few examples per step.
-        examples += [(draw_scene(rng)[0], proposer_prompt(), PROPOSER_TARGET) for _ in range(2)]
-        loss = _loss(model, *_batch(processor, examples))
+        examples += [(draw_scene(rng)[0], proposer_prompt(), PROPOSER_TARGET, 1.0)
+                     for _ in range(2)]
+        inputs, labels = _batch(processor, [e[:3] for e in examples])
+        loss = _loss(model, inputs, labels, torch.tensor([e[3] for e in examples]))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -212,7 +247,7 @@ def build_demo(root: str = "runs", ws: WarmStart | None = None) -> dict:
     """Data and the warm-started model under root/, reused while the prompts and the recipe are
     unchanged. Returns {"model", "unlabeled", "eval"} paths."""
     ws = ws or WarmStart()
-    data = make_task_data(os.path.join(root, "demo-data"))
+    data = make_task_data(os.path.join(root, f"demo-data-{task_key()}"))
     model_dir = os.path.join(root, f"demo-model-{cache_key(ws)}")
     if not os.path.exists(os.path.join(model_dir, "SAVE_OK")):
         print(f"demo: warm-starting a tiny Qwen2.5-VL on '{QUESTION}' -> {model_dir}", flush=True)
