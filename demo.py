@@ -1,7 +1,7 @@
 """The learning demo's toy task and its warm-started tiny Solver/Proposer.
 
 Task: "What color is the shape?" on small generated images (one circle, square or triangle in
-red, green, blue or yellow on white). A short supervised warm start of a tiny random Qwen2.5-VL
+red, green or blue on white). A short supervised warm start of a tiny random Qwen2.5-VL
 teaches it the answer format and the Proposer's question, but with label noise: the Solver ends
 right only about half the time, with the right colour still its most likely answer. Majority
 self-consistency on unlabeled images can then sharpen it toward its own majority, which is mostly
@@ -28,9 +28,9 @@ from data_and_utils import proposer_prompt, solver_prompt
 from tiny import build_tiny_model
 
 QUESTION = "What color is the shape?"
-# Saturated, so that every pair differs strongly in some channel: the tiny model learns to tell
-# them apart in a few dozen steps.
-COLORS = {"red": (230, 0, 0), "green": (0, 190, 0), "blue": (0, 0, 230), "yellow": (240, 220, 0)}
+# One colour per RGB channel. With yellow (red + green) as a fourth, the warm-started model
+# confused it with red and green, and self-training on some seeds spread yellow over them.
+COLORS = {"red": (230, 0, 0), "green": (0, 190, 0), "blue": (0, 0, 230)}
 SHAPES = ("circle", "square", "triangle")
 IMAGE_SIZE = 168           # 36 image tokens: enough for the colour to be found quickly
 MAX_PIXELS = IMAGE_SIZE * IMAGE_SIZE
@@ -41,13 +41,13 @@ BUILD_VERSION = 1          # bump when the warm start below changes in a way the
 @dataclass
 class WarmStart:
     """The supervised warm start. Its fields (and the prompts) key the model cache."""
-    clean_steps: int = 90      # optimizer steps on true labels: it learns to see the colour
+    clean_steps: int = 70      # optimizer steps on true labels: it learns to see the colour
     batch: int = 8             # images per clean step (plus two proposer examples)
     lr: float = 3e-3
-    soft_steps: int = 30       # then steps on soft labels, at soft_lr: it learns to doubt
-    soft_images: int = 2       # images per soft step, each with all four colours as targets
-    soft_lr: float = 1e-3
-    confidence: float = 0.5    # soft-label weight of the true colour; the rest share 1 - this
+    soft_steps: int = 20       # then steps on soft labels, at soft_lr: it learns to doubt
+    soft_images: int = 2       # images per soft step, each with every colour as a target
+    soft_lr: float = 3e-4
+    confidence: float = 0.55   # soft-label weight of the true colour; the others share the rest
     seed: int = 0
 
 
