@@ -2,10 +2,10 @@
 
 Task: "What color is the shape?" on small generated images (one circle, square or triangle in
 red, green or blue on white). A short supervised warm start of a tiny random Qwen2.5-VL
-teaches it the answer format and the Proposer's question, but with label noise: the Solver ends
-right only about half the time, with the right colour still its most likely answer. Majority
-self-consistency on unlabeled images can then sharpen it toward its own majority, which is mostly
-the truth. Nothing after the warm start sees a label.
+teaches it the answer format and the Proposer's question, then soft labels teach it doubt: the
+Solver ends right only about half the time, with the right colour still its most likely answer.
+Majority self-consistency on unlabeled images can then sharpen it toward its own majority, which
+is mostly the truth. Nothing after the warm start sees a label.
 
     python demo.py runs          # build (or reuse) the warm-started model and the demo data
     python run.py                # the whole demo: eval, train, eval, table, curves
@@ -41,7 +41,12 @@ BUILD_VERSION = 1          # bump when the warm start below changes in a way the
 @dataclass
 class WarmStart:
     """The supervised warm start. Its fields (and the prompts) key the model cache."""
-    clean_steps: int = 70      # optimizer steps on true labels: it learns to see the colour
+    # True labels until it sees the colour: the loss (mean of the last 10 steps) drops below
+    # clean_loss once the answer follows the image; before, it sits on a plateau near 0.05
+    # whose length varies from run to run.
+    clean_min_steps: int = 40
+    clean_max_steps: int = 250
+    clean_loss: float = 0.025
     batch: int = 8             # images per clean step (plus two proposer examples)
     lr: float = 3e-3
     soft_steps: int = 20       # then steps on soft labels, at soft_lr: it learns to doubt
@@ -198,8 +203,24 @@ def _soft_examples(rng: random.Random, exclude: set, n: int, confidence: float) 
     return out
 
 
+def _proposer_examples(rng: random.Random, n: int = 2) -> list:
+    """The Proposer's question needs little: a few examples per step."""
+    return [(draw_scene(rng)[0], proposer_prompt(), PROPOSER_TARGET, 1.0) for _ in range(n)]
+
+
+def _train_step(model, processor, opt, examples: list) -> float:
+    inputs, labels = _batch(processor, [e[:3] for e in examples])
+    loss = _loss(model, inputs, labels, torch.tensor([e[3] for e in examples]))
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return loss.item()
+
+
 def warm_start(base_dir: str, out_dir: str, ws: WarmStart, exclude: set) -> None:
-    """Full supervised fine-tune of the tiny model, true then soft labels; writes out_dir atomically."""
+    """Full supervised fine-tune of the tiny model, true then soft labels; writes out_dir
+    atomically."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
     torch.manual_seed(ws.seed)
     rng = random.Random(ws.seed)
@@ -207,33 +228,31 @@ def warm_start(base_dir: str, out_dir: str, ws: WarmStart, exclude: set) -> None
     processor = AutoProcessor.from_pretrained(base_dir)
     opt = torch.optim.AdamW(model.parameters(), lr=ws.lr, weight_decay=0.0)
     model.train()
-    t0 = time.time()
-    steps = ws.clean_steps + ws.soft_steps
-    for step in range(1, steps + 1):
-        if step <= ws.clean_steps:
-            examples = _clean_examples(rng, exclude, ws.batch)
-        else:
-            if step == ws.clean_steps + 1:
-                # A fresh optimizer: Adam's moments from the near-zero clean loss would turn
-                # the first soft-label gradients into huge steps.
-                opt = torch.optim.AdamW(model.parameters(), lr=ws.soft_lr, weight_decay=0.0)
-            examples = _soft_examples(rng, exclude, ws.soft_images, ws.confidence)
-        # The Proposer's question needs little: a few examples per step.
-        examples += [(draw_scene(rng)[0], proposer_prompt(), PROPOSER_TARGET, 1.0)
-                     for _ in range(2)]
-        inputs, labels = _batch(processor, [e[:3] for e in examples])
-        loss = _loss(model, inputs, labels, torch.tensor([e[3] for e in examples]))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        if step % 20 == 0 or step == steps:
-            print(f"warm start: step {step}/{steps} loss {loss.item():.3f} "
+    t0, recent = time.time(), []
+    for step in range(1, ws.clean_max_steps + 1):
+        loss = _train_step(model, processor, opt, _clean_examples(rng, exclude, ws.batch)
+                           + _proposer_examples(rng))
+        recent = (recent + [loss])[-10:]
+        if step % 20 == 0:
+            print(f"warm start: true labels, step {step}, loss {loss:.3f} "
                   f"({time.time() - t0:.0f}s)", flush=True)
+        if step >= ws.clean_min_steps and sum(recent) / len(recent) < ws.clean_loss:
+            break
+    seen = sum(recent) / len(recent) < ws.clean_loss
+    print(f"warm start: {'sees' if seen else 'still does not see'} the colour after {step} "
+          f"steps; {ws.soft_steps} soft-label steps follow", flush=True)
+    # A fresh optimizer: Adam's moments from the near-zero clean loss would turn the first
+    # soft-label gradients into huge steps.
+    opt = torch.optim.AdamW(model.parameters(), lr=ws.soft_lr, weight_decay=0.0)
+    for _ in range(ws.soft_steps):
+        loss = _train_step(model, processor, opt, _proposer_examples(rng) + _soft_examples(
+            rng, exclude, ws.soft_images, ws.confidence))
+    print(f"warm start: done, loss {loss:.3f} ({time.time() - t0:.0f}s)", flush=True)
     model.eval()
     # Explicit sampling settings: plain softmax sampling, whatever the library defaults are.
     gen = model.generation_config
-    gen.do_sample, gen.temperature, gen.top_p, gen.top_k, gen.repetition_penalty = True, 1.0, 1.0, 0, 1.0
+    gen.do_sample, gen.temperature, gen.top_p = True, 1.0, 1.0
+    gen.top_k, gen.repetition_penalty = 0, 1.0
     tmp = out_dir.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
@@ -312,7 +331,8 @@ def summarize(results_path: str) -> dict:
                                               rec["answer"]))
             for k, field in keys.items():
                 sums[k] += float(res[field])
-            sums["acc_all"] += sum(normalize_answer(a) in gold for a in res["answers"]) / len(res["answers"])
+            right = [normalize_answer(a) in gold for a in res["answers"]]
+            sums["acc_all"] += sum(right) / len(right)
             n += 1
     return {k: v / max(n, 1) for k, v in sums.items()} | {"rows": n}
 
@@ -323,9 +343,11 @@ ROWS = [("acc", "accuracy, first sample (eval's acc)"), ("acc_all", "accuracy, a
 
 
 def table(before: dict, after: dict) -> str:
-    lines = [f"{'held-out (' + str(before['rows']) + ' images)':38s} {'before':>7s} {'after':>7s} {'change':>7s}"]
+    head = f"held-out ({before['rows']} images)"
+    lines = [f"{head:38s} {'before':>7s} {'after':>7s} {'change':>7s}"]
     for key, title in ROWS:
-        lines.append(f"{title:38s} {before[key]:7.3f} {after[key]:7.3f} {after[key] - before[key]:+7.3f}")
+        b, a = before[key], after[key]
+        lines.append(f"{title:38s} {b:7.3f} {a:7.3f} {a - b:+7.3f}")
     return "\n".join(lines)
 
 

@@ -1,4 +1,4 @@
-"""The method learns: self-training on unlabeled images raises held-out accuracy (the demo, 3 seeds).
+"""The method learns: self-training on unlabeled images raises held-out accuracy (3 seeds).
 
     python -m pytest tests/test_learning.py
 
