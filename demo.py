@@ -41,12 +41,12 @@ BUILD_VERSION = 1          # bump when the warm start below changes in a way the
 @dataclass
 class WarmStart:
     """The supervised warm start. Its fields (and the prompts) key the model cache."""
-    # True labels until it sees the colour: the loss (mean of the last 10 steps) drops below
-    # clean_loss once the answer follows the image; before, it sits on a plateau near 0.05
-    # whose length varies from run to run.
+    # True labels until it sees the colour: the loss (mean of the last 10 steps) drops to ~0.03
+    # once the colour follows the image (the rest is the shape, learned much later); before,
+    # it sits on a plateau of 0.05-0.1 whose length varies from run to run.
     clean_min_steps: int = 40
     clean_max_steps: int = 250
-    clean_loss: float = 0.025
+    clean_loss: float = 0.04
     batch: int = 8             # images per clean step (plus two proposer examples)
     lr: float = 3e-3
     soft_steps: int = 20       # then steps on soft labels, at soft_lr: it learns to doubt
@@ -281,8 +281,8 @@ class DemoRun:
     """The self-training run: flags chosen so the tiny model learns in a few CPU minutes."""
     steps: int = 48
     seed: int = 42
-    lr: float = 5e-4
-    kl_coef: float = 0.01
+    lr: float = 1e-3
+    kl_coef: float = 0.5
     samples: int = 5
     max_new_tokens: int = 32
     eval_seed: int = 0
