@@ -1,11 +1,11 @@
 """The learning demo's toy task and its warm-started tiny Solver/Proposer.
 
 Task: "What color is the shape?" on small generated images (one circle, square or triangle in
-red, green, blue or yellow on white). A short supervised warm start of a tiny random Qwen2.5-VL
-teaches it the answer format and the Proposer's question, but with label noise: the Solver ends
-right only about half the time, with the right colour still its most likely answer. Majority
-self-consistency on unlabeled images can then sharpen it toward its own majority, which is mostly
-the truth. Nothing after the warm start sees a label.
+red, green or blue on white). A short supervised warm start of a tiny random Qwen2.5-VL
+teaches it the answer format and the Proposer's question, then soft labels teach it doubt: the
+Solver ends right only about half the time, with the right colour still its most likely answer.
+Majority self-consistency on unlabeled images can then sharpen it toward its own majority, which
+is mostly the truth. Nothing after the warm start sees a label.
 
     python demo.py runs          # build (or reuse) the warm-started model and the demo data
     python run.py                # the whole demo: eval, train, eval, table, curves
@@ -25,9 +25,12 @@ import torch
 from PIL import Image, ImageDraw
 
 from data_and_utils import proposer_prompt, solver_prompt
-from tiny import COLORS, build_tiny_model
+from tiny import build_tiny_model
 
 QUESTION = "What color is the shape?"
+# One colour per RGB channel. With yellow (red + green) as a fourth, the warm-started model
+# confused it with red and green, and self-training on some seeds spread yellow over them.
+COLORS = {"red": (230, 0, 0), "green": (0, 190, 0), "blue": (0, 0, 230)}
 SHAPES = ("circle", "square", "triangle")
 IMAGE_SIZE = 168           # 36 image tokens: enough for the colour to be found quickly
 MAX_PIXELS = IMAGE_SIZE * IMAGE_SIZE
@@ -38,12 +41,18 @@ BUILD_VERSION = 1          # bump when the warm start below changes in a way the
 @dataclass
 class WarmStart:
     """The supervised warm start. Its fields (and the prompts) key the model cache."""
-    clean_steps: int = 70      # optimizer steps on true labels: it learns to see the colour
-    noisy_steps: int = 30      # then steps on noisy labels, at noisy_lr: it learns to doubt
-    batch: int = 8             # solver examples per step (plus two proposer examples)
+    # True labels until it sees the colour: the loss (mean of the last 10 steps) drops to ~0.03
+    # once the colour follows the image (the rest is the shape, learned much later); before,
+    # it sits on a plateau of 0.05-0.1 whose length varies from run to run.
+    clean_min_steps: int = 40
+    clean_max_steps: int = 250
+    clean_loss: float = 0.04
+    batch: int = 8             # images per clean step (plus two proposer examples)
     lr: float = 3e-3
-    noisy_lr: float = 1e-3
-    label_noise: float = 0.6   # share of noisy targets whose colour is replaced by a random one
+    soft_steps: int = 20       # then steps on soft labels, at soft_lr: it learns to doubt
+    soft_images: int = 2       # images per soft step, each with every colour as a target
+    soft_lr: float = 3e-4
+    confidence: float = 0.55   # soft-label weight of the true colour; the others share the rest
     seed: int = 0
 
 
@@ -119,12 +128,21 @@ PROPOSER_TARGET = (f"<question>{QUESTION}</question> "
                    "<rationale>The answer needs the image.</rationale>")
 
 
+def _hash(obj) -> str:
+    return hashlib.sha1(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def task_key() -> str:
+    """Changes whenever the images would."""
+    return _hash({"colors": COLORS, "shapes": SHAPES, "size": IMAGE_SIZE, "radius": RADIUS,
+                  "version": BUILD_VERSION})
+
+
 def cache_key(ws: WarmStart) -> str:
     """Changes whenever a prompt text, the task or the warm-start recipe does."""
-    text = json.dumps({"solver": solver_prompt(QUESTION), "proposer": proposer_prompt(),
-                       "target": solver_target("red", "circle"), "q": PROPOSER_TARGET,
-                       "size": IMAGE_SIZE, "version": BUILD_VERSION, **asdict(ws)}, sort_keys=True)
-    return hashlib.sha1(text.encode()).hexdigest()[:10]
+    return _hash({"solver": solver_prompt(QUESTION), "proposer": proposer_prompt(),
+                  "target": solver_target("red", "circle"), "q": PROPOSER_TARGET,
+                  "task": task_key(), **asdict(ws)})
 
 
 def _chat(processor, prompt: str) -> str:
@@ -148,28 +166,61 @@ def _batch(processor, examples: list[tuple[Image.Image, str, str]]) -> tuple[dic
     return inputs, labels
 
 
-def _loss(model, inputs: dict, labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy on the targets; the vocabulary projection runs at target positions only."""
+def _loss(model, inputs: dict, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Weighted mean over examples of each target's mean token cross-entropy; the vocabulary
+    projection runs at target positions only."""
     k = labels.shape[1]
     logits = model(**inputs, logits_to_keep=k + 1).logits[:, :-1]
-    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
-                                             labels.reshape(-1), ignore_index=-100)
+    ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2).float(), labels,
+                                           ignore_index=-100, reduction="none")
+    per_example = ce.sum(1) / (labels != -100).sum(1).clamp(min=1)
+    return (per_example * weights).sum() / weights.sum()
 
 
-def _examples(rng: random.Random, noise: float, exclude: set, n: int) -> list:
+def _scenes(rng: random.Random, exclude: set, n: int) -> list:
     out = []
     while len(out) < n:
         img, color, shape = draw_scene(rng)
-        if image_key(img) in exclude:  # never train on a demo training or evaluation image
-            continue
-        if rng.random() < noise:
-            color = rng.choice(sorted(COLORS))
-        out.append((img, solver_prompt(QUESTION), solver_target(color, shape)))
+        if image_key(img) not in exclude:  # never train on a demo training or evaluation image
+            out.append((img, color, shape))
     return out
 
 
+def _clean_examples(rng: random.Random, exclude: set, n: int) -> list:
+    """(image, prompt, target, weight) with the true colour."""
+    return [(img, solver_prompt(QUESTION), solver_target(color, shape), 1.0)
+            for img, color, shape in _scenes(rng, exclude, n)]
+
+
+def _soft_examples(rng: random.Random, exclude: set, n: int, confidence: float) -> list:
+    """Each image with every colour as its target, weighted: a soft label, balanced over the
+    colours in every batch, so the doubt it teaches carries no bias toward any colour."""
+    out = []
+    for img, truth, shape in _scenes(rng, exclude, n):
+        for color in sorted(COLORS):
+            weight = confidence if color == truth else (1 - confidence) / (len(COLORS) - 1)
+            out.append((img, solver_prompt(QUESTION), solver_target(color, shape), weight))
+    return out
+
+
+def _proposer_examples(rng: random.Random, n: int = 2) -> list:
+    """The Proposer's question needs little: a few examples per step."""
+    return [(draw_scene(rng)[0], proposer_prompt(), PROPOSER_TARGET, 1.0) for _ in range(n)]
+
+
+def _train_step(model, processor, opt, examples: list) -> float:
+    inputs, labels = _batch(processor, [e[:3] for e in examples])
+    loss = _loss(model, inputs, labels, torch.tensor([e[3] for e in examples]))
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return loss.item()
+
+
 def warm_start(base_dir: str, out_dir: str, ws: WarmStart, exclude: set) -> None:
-    """Full supervised fine-tune of the tiny model on noisy labels; writes out_dir atomically."""
+    """Full supervised fine-tune of the tiny model, true then soft labels; writes out_dir
+    atomically."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
     torch.manual_seed(ws.seed)
     rng = random.Random(ws.seed)
@@ -177,28 +228,31 @@ def warm_start(base_dir: str, out_dir: str, ws: WarmStart, exclude: set) -> None
     processor = AutoProcessor.from_pretrained(base_dir)
     opt = torch.optim.AdamW(model.parameters(), lr=ws.lr, weight_decay=0.0)
     model.train()
-    t0 = time.time()
-    steps = ws.clean_steps + ws.noisy_steps
-    for step in range(1, steps + 1):
-        noise = ws.label_noise if step > ws.clean_steps else 0.0
-        if step == ws.clean_steps + 1:
-            for group in opt.param_groups:
-                group["lr"] = ws.noisy_lr
-        examples = _examples(rng, noise, exclude, ws.batch)
-        # The Proposer's question needs little: a few examples per step.
-        examples += [(draw_scene(rng)[0], proposer_prompt(), PROPOSER_TARGET) for _ in range(2)]
-        loss = _loss(model, *_batch(processor, examples))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        if step % 20 == 0 or step == steps:
-            print(f"warm start: step {step}/{steps} loss {loss.item():.3f} "
+    t0, recent = time.time(), []
+    for step in range(1, ws.clean_max_steps + 1):
+        loss = _train_step(model, processor, opt, _clean_examples(rng, exclude, ws.batch)
+                           + _proposer_examples(rng))
+        recent = (recent + [loss])[-10:]
+        if step % 20 == 0:
+            print(f"warm start: true labels, step {step}, loss {loss:.3f} "
                   f"({time.time() - t0:.0f}s)", flush=True)
+        if step >= ws.clean_min_steps and sum(recent) / len(recent) < ws.clean_loss:
+            break
+    seen = sum(recent) / len(recent) < ws.clean_loss
+    print(f"warm start: {'sees' if seen else 'still does not see'} the colour after {step} "
+          f"steps; {ws.soft_steps} soft-label steps follow", flush=True)
+    # A fresh optimizer: Adam's moments from the near-zero clean loss would turn the first
+    # soft-label gradients into huge steps.
+    opt = torch.optim.AdamW(model.parameters(), lr=ws.soft_lr, weight_decay=0.0)
+    for _ in range(ws.soft_steps):
+        loss = _train_step(model, processor, opt, _proposer_examples(rng) + _soft_examples(
+            rng, exclude, ws.soft_images, ws.confidence))
+    print(f"warm start: done, loss {loss:.3f} ({time.time() - t0:.0f}s)", flush=True)
     model.eval()
     # Explicit sampling settings: plain softmax sampling, whatever the library defaults are.
     gen = model.generation_config
-    gen.do_sample, gen.temperature, gen.top_p, gen.top_k, gen.repetition_penalty = True, 1.0, 1.0, 0, 1.0
+    gen.do_sample, gen.temperature, gen.top_p = True, 1.0, 1.0
+    gen.top_k, gen.repetition_penalty = 0, 1.0
     tmp = out_dir.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
@@ -212,7 +266,7 @@ def build_demo(root: str = "runs", ws: WarmStart | None = None) -> dict:
     """Data and the warm-started model under root/, reused while the prompts and the recipe are
     unchanged. Returns {"model", "unlabeled", "eval"} paths."""
     ws = ws or WarmStart()
-    data = make_task_data(os.path.join(root, "demo-data"))
+    data = make_task_data(os.path.join(root, f"demo-data-{task_key()}"))
     model_dir = os.path.join(root, f"demo-model-{cache_key(ws)}")
     if not os.path.exists(os.path.join(model_dir, "SAVE_OK")):
         print(f"demo: warm-starting a tiny Qwen2.5-VL on '{QUESTION}' -> {model_dir}", flush=True)
@@ -227,8 +281,8 @@ class DemoRun:
     """The self-training run: flags chosen so the tiny model learns in a few CPU minutes."""
     steps: int = 48
     seed: int = 42
-    lr: float = 5e-4
-    kl_coef: float = 0.01
+    lr: float = 1e-3
+    kl_coef: float = 0.5
     samples: int = 5
     max_new_tokens: int = 32
     eval_seed: int = 0
@@ -277,7 +331,8 @@ def summarize(results_path: str) -> dict:
                                               rec["answer"]))
             for k, field in keys.items():
                 sums[k] += float(res[field])
-            sums["acc_all"] += sum(normalize_answer(a) in gold for a in res["answers"]) / len(res["answers"])
+            right = [normalize_answer(a) in gold for a in res["answers"]]
+            sums["acc_all"] += sum(right) / len(right)
             n += 1
     return {k: v / max(n, 1) for k, v in sums.items()} | {"rows": n}
 
@@ -288,9 +343,11 @@ ROWS = [("acc", "accuracy, first sample (eval's acc)"), ("acc_all", "accuracy, a
 
 
 def table(before: dict, after: dict) -> str:
-    lines = [f"{'held-out (' + str(before['rows']) + ' images)':38s} {'before':>7s} {'after':>7s} {'change':>7s}"]
+    head = f"held-out ({before['rows']} images)"
+    lines = [f"{head:38s} {'before':>7s} {'after':>7s} {'change':>7s}"]
     for key, title in ROWS:
-        lines.append(f"{title:38s} {before[key]:7.3f} {after[key]:7.3f} {after[key] - before[key]:+7.3f}")
+        b, a = before[key], after[key]
+        lines.append(f"{title:38s} {b:7.3f} {a:7.3f} {a - b:+7.3f}")
     return "\n".join(lines)
 
 

@@ -1,4 +1,4 @@
-"""Entry point. With no arguments: the learning demo on a tiny warm-started Qwen2.5-VL (CPU, minutes).
+"""Entry point. No arguments: the learning demo on a tiny warm-started Qwen2.5-VL (CPU, minutes).
 
     python run.py                      # demo: eval, self-train on unlabeled images, eval, curves
     python run.py smoke                # the machinery on random weights (seconds; rerun resumes)
@@ -83,7 +83,8 @@ def smoke() -> int:
     import checkpoint
     import train
     from tiny import build_tiny_model, make_synthetic_images
-    print("smoke: building a tiny random Qwen2.5-VL and synthetic images under runs/ ...", flush=True)
+    print("smoke: building a tiny random Qwen2.5-VL and synthetic images under runs/ ...",
+          flush=True)
     model = build_tiny_model(os.path.join(DEMO_DIR, "demo-model"))
     data = os.path.join(DEMO_DIR, "demo-images")
     if not os.path.isdir(data):
@@ -91,11 +92,13 @@ def smoke() -> int:
     done = checkpoint.complete_checkpoints(os.path.join(DEMO_DIR, SMOKE_RUN))
     start = done[-1][0] if done else 0
     if start:
-        print(f"smoke: found run '{SMOKE_RUN}' at step {start}; resuming for {SMOKE_STEPS} more steps")
+        print(f"smoke: found run '{SMOKE_RUN}' at step {start}; resuming for {SMOKE_STEPS} "
+              f"more steps")
     return train.main([
         "--data_dir", data, "--solver_model", model, "--proposer_model", model,
         "--use_lora_solver", "--use_lora_proposer", "--dtype", "float32", "--device_map", "cpu",
-        "--output_dir", DEMO_DIR, "--wandb_run_name", SMOKE_RUN, "--total_steps", str(start + SMOKE_STEPS),
+        "--output_dir", DEMO_DIR, "--wandb_run_name", SMOKE_RUN,
+        "--total_steps", str(start + SMOKE_STEPS),
         "--save_every", "2", "--num_solver_samples", "5", "--proposer_update_freq", "2",
         "--max_new_tokens_solver", "64", "--max_new_tokens_proposer", "32", "--lr", "1e-4"])
 
