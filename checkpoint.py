@@ -24,7 +24,7 @@ from safetensors import SafetensorError
 import statefile
 from atomic import atomic_dir, write_text
 from errors import UserError, first_line
-from statefile import STATE_JSON, STATE_TENSORS, OLD_STATE_FILE, OldFormat, StateProblem
+from statefile import STATE_JSON, OLD_STATE_FILE, OldFormat, StateProblem
 from vlm import save_policy, load_policy
 
 log = logging.getLogger("ireasoner")

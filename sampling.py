@@ -150,13 +150,6 @@ def _batched_stepper(lm, head, cache, prompt_mask: torch.Tensor, n: int, max_new
     return hf_step
 
 
-def sample_token(logits: torch.Tensor, temperature: float, top_p: float,
-                 suppress) -> torch.Tensor:
-    """One id per row from softmax(logits / T) within the top-p nucleus (HF's rule: keep a token
-    while the mass ranked above it is < top_p), never a suppressed id. This is the distribution
-    the loss scores: no repetition penalty or other hub generation_config extras."""
-
-
 def sample_token(logits: torch.Tensor, temperature: float, top_p: float, suppress,
                  top_k: int = 0, repetition_penalty: float = 1.0, seen=None) -> torch.Tensor:
     """One id per row from sampling_probs(...) (inverse-CDF: one uniform per row, where

@@ -3,13 +3,12 @@
     python train.py --data_dir images/ --solver_model Qwen/Qwen2.5-VL-7B-Instruct \
         --proposer_model Qwen/Qwen2.5-VL-7B-Instruct --use_lora_solver --use_lora_proposer
 
-Reads top to bottom: one step is rollout() -> rewards.compute_rewards() -> update_policy() for
+Reads top to bottom: one step is rollout() -> rewards.compute_rewards() -> update.update_role() for
 the Solver (and every proposer_update_freq steps for the Proposer) -> log -> checkpoint.
 """
 from __future__ import annotations
 
 import logging
-import math
 import os
 import signal
 import sys
@@ -33,12 +32,11 @@ from logs import append_log, log_wandb, start_wandb
 from runlock import run_lock
 from runtime import keep_freed_memory, rng_state, seed_all, set_rng_state
 from sampling import decode_path
-from vlm import (ROLES, Policy, Prompt, Rollout, _core, acting, build_policies, completion_logits,
-                 generate, image_sizing, kl_per_token, log_sampling, make_prompts,
-                 reference_logprobs, row_images, step_embedder, token_logprobs)
+from update import Episode, update_role
+from vlm import (ROLES, _core, build_policies, generate, image_sizing, log_sampling, make_prompts,
+                 step_embedder)
 
 log = logging.getLogger("ireasoner")
-MAX_NONFINITE_IN_A_ROW = 3
 
 
 # ---------------------------------------------------------------- state
@@ -53,15 +51,6 @@ class TrainState:
     bad_images: dict = field(default_factory=dict)  # path -> reason: a resume skips, not re-counts
     nonfinite_skips: int = 0
     nonfinite_in_a_row: int = 0
-
-
-@dataclass
-class Episode:
-    """One role's sampled completions for the step's images (each image's rows consecutive),
-    with their rewards."""
-    prompt: Prompt
-    rollout: Rollout
-    rewards: list[float]
 
 
 class Stop(StoppingCriteria):
@@ -112,57 +101,6 @@ def rollout(cfg: Config, policies: dict, images: list, stop: Stop,
     return {"proposer": Episode(p_prompt, p_roll, []), "solver": Episode(s_prompt, s_roll, [])}
 
 
-def accumulate_gradients(cfg: Config, policy: Policy, episode: Episode, advantages: torch.Tensor,
-                         beta: float, norm: tuple | None = None) -> tuple[float, float]:
-    """Backward of loss = mean_i(A_i NLL_i) + beta KL over all completions (of all the step's
-    images), adding into .grad. Chunks of update_micro_batch completions sum to exactly the
-    unchunked gradient, and only one chunk's [rows, L, V] tensors are alive at a time. `norm`
-    (completions, tokens) replaces the episode's own counts in the two means: an episode that is
-    part of a larger batch then adds its exact share of that batch's gradient.
-    Returns (loss, KL summed over tokens)."""
-    ids, mask = episode.rollout.ids, episode.rollout.mask
-    n, tokens = ids.shape[0], mask.sum().clamp(min=1)
-    if norm is not None:
-        n, tokens = norm[0], torch.as_tensor(norm[1], dtype=tokens.dtype)
-    owner = row_images(episode.prompt, ids.shape[0])
-    chunk = cfg.update_micro_batch or ids.shape[0]
-    loss_sum, kl_sum = 0.0, 0.0
-    with acting(policy) as model:
-        for lo in range(0, ids.shape[0], chunk):
-            part = slice(lo, lo + chunk)
-            own = None if owner is None else owner[part]
-            ref_logp = reference_logprobs(policy, episode.prompt, ids[part], mask[part], own)
-            model.train()
-            logits = completion_logits(model, episode.prompt, ids[part], mask[part], own)
-            tok_logp, logp = token_logprobs(logits, ids[part])
-            m = mask[part].float()
-            nll = -(tok_logp * m).sum(1) / m.sum(1).clamp(min=1)
-            kl = (kl_per_token(logp, ref_logp, ids[part], cfg.kl_estimator) * m).sum()
-            loss = (advantages[part].to(nll.device) * nll).sum() / n + beta * kl / tokens
-            loss.backward()
-            loss_sum += loss.item()
-            kl_sum += kl.item()
-            del ref_logp, logits, tok_logp, logp, loss  # before the next chunk's are made
-    return loss_sum, kl_sum
-
-
-def update_policy(cfg: Config, policy: Policy, optimizer, episode: Episode,
-                  advantages: torch.Tensor, beta: float, dist: Dist) -> dict:
-    """One REINFORCE + KL optimizer step; gradients are averaged over ranks before clipping.
-    A non-finite loss or gradient on any rank skips the step on all ranks."""
-    params = policy.parameters()
-    optimizer.zero_grad(set_to_none=True)
-    loss, kl_sum = accumulate_gradients(cfg, policy, episode, advantages, beta)
-    dist.average_gradients(params)
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-    finite = not dist.any(not (math.isfinite(loss) and torch.isfinite(grad_norm).item()))
-    if finite:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    tokens = max(int(episode.rollout.mask.sum()), 1)
-    return {"loss": loss, "kl": kl_sum / tokens, "grad_norm": grad_norm.item(), "finite": finite}
-
-
 PER_IMAGE = ("answers", "answers_norm", "pre_answer_words", "steps_per_sample", "dominant_answer",
              "dominant_count", "answer_entropy", "reward_outcome", "reward_steps",
              "step_reward_weight", "reward_final", "proposer_reward")
@@ -190,11 +128,11 @@ def train_step(cfg: Config, policies: dict, optimizers: dict, pool: ImagePool, s
              **{k: rw[k] for k in PER_IMAGE}} for b, rw in enumerate(rws)]
     s_ep.rewards = [r for rw in rws for r in rw["reward_final"]]
     p_ep.rewards = [rw["proposer_reward"] for rw in rws]
-    shared = _update_role(cfg, "solver", policies, optimizers, s_ep, st, dist, timer)
+    shared = update_role(cfg, "solver", policies, optimizers, s_ep, st, dist, timer)
     shared["proposer_updated"] = (cfg.proposer_update_freq > 0
                                   and step % cfg.proposer_update_freq == 0)
     if shared["proposer_updated"]:
-        shared.update(_update_role(cfg, "proposer", policies, optimizers, p_ep, st, dist, timer))
+        shared.update(update_role(cfg, "proposer", policies, optimizers, p_ep, st, dist, timer))
     else:
         shared.update({"proposer_kl": None, "kl_coef_proposer_before": None,
                        "kl_coef_proposer_after": None, "proposer_loss": None})
@@ -221,70 +159,6 @@ def sync_bad_images(pool: ImagePool, st: TrainState, dist: Dist) -> None:
         st.bad_images.update(found)
         pool.bad.update(found)
     st.skipped_images = len(st.bad_images)
-
-
-def _update_role(cfg: Config, role: str, policies: dict, optimizers: dict, episode: Episode,
-                 st: TrainState, dist: Dist, timer=no_timer) -> dict:
-    """Update one role; after each optimizer step fold every rank's rewards of that step (rank
-    order) into its baseline and adapt its beta with the rank-averaged KL, so both stay identical
-    across ranks. batched: one step over all N completions. per_sample (the published order):
-    one step per completion, in sample order, each with the baseline and beta the samples
-    before it left (on several ranks, step i takes every rank's i-th sample)."""
-    b, beta = st.baseline[role], st.kl_coef[role]
-    # A one-sample group has zero advantage, so the Proposer always uses the running baseline.
-    use_group = cfg.baseline == "group" and role == "solver"
-    # Every image's advantages use the baseline from before the step; then all rewards fold in,
-    # rank by rank and image by image. A group baseline is each image's own N rewards.
-    group_adv = R.advantages_for(episode.rewards, None,
-                                 len(episode.rewards) // episode.prompt.images)
-    parts = _per_sample(episode) if cfg.update_mode == "per_sample" else [(0, episode)]
-    per = {"baseline": [], "kl_coef": [], "kl": [], "loss": []}
-    for first, part in parts:
-        per["baseline"].append(st.baseline[role])
-        per["kl_coef"].append(st.kl_coef[role])
-        adv = (group_adv[first:first + len(part.rewards)] if use_group
-               else R.advantages_for(part.rewards, st.baseline[role]))
-        with timer(f"{role}_update"):
-            out = update_policy(cfg, policies[role], optimizers[role], part, adv,
-                                st.kl_coef[role], dist)
-        per["kl"].append(dist.mean(out["kl"]))
-        per["loss"].append(out["loss"])
-        all_rewards = [r for rank_rewards in dist.gather(part.rewards) for r in rank_rewards]
-        st.baseline[role] = R.update_ema_baseline(st.baseline[role], all_rewards,
-                                                  cfg.baseline_momentum)
-        _adapt_kl_coef(cfg, role, st, per["kl"][-1], out["finite"])
-    rec = {f"{role}_baseline_before": b, f"{role}_kl": sum(per["kl"]) / len(per["kl"]),
-           f"kl_coef_{role}_before": beta, f"kl_coef_{role}_after": st.kl_coef[role],
-           f"{role}_loss": sum(per["loss"]) / len(per["loss"])}
-    if cfg.update_mode == "per_sample":
-        rec.update({f"{role}_baseline_per_sample": per["baseline"],
-                    f"kl_coef_{role}_per_sample": per["kl_coef"], f"{role}_kl_per_sample": per["kl"]})
-    return rec
-
-
-def _per_sample(episode: Episode) -> list[tuple[int, Episode]]:
-    """(index, one-completion episode) for each sample, in sample order."""
-    roll = episode.rollout
-    return [(i, Episode(episode.prompt, Rollout(roll.texts[i:i + 1], roll.ids[i:i + 1],
-                                                roll.mask[i:i + 1]), [reward]))
-            for i, reward in enumerate(episode.rewards)]
-
-
-def _adapt_kl_coef(cfg: Config, role: str, st: TrainState, kl: float, finite: bool) -> None:
-    """beta follows a finite update's KL; a skipped update is counted, and 3 in a row stop."""
-    if finite:
-        st.kl_coef[role] = R.update_kl_coef(st.kl_coef[role], kl, cfg.kl_target,
-                                            cfg.kl_adapt_rate, cfg.kl_error_clip)
-        st.nonfinite_in_a_row = 0
-        return
-    st.nonfinite_skips += 1
-    st.nonfinite_in_a_row += 1
-    log.warning("non-finite %s loss or gradient: update skipped (%d in a row)", role,
-                st.nonfinite_in_a_row)
-    if st.nonfinite_in_a_row >= MAX_NONFINITE_IN_A_ROW:
-        raise TrainingError(f"{MAX_NONFINITE_IN_A_ROW} non-finite updates in a row; stopped "
-                            f"without saving. Lower --lr or check the data, then rerun to "
-                            f"resume from the last checkpoint")
 
 
 # ---------------------------------------------------------------- setup, resume, loop

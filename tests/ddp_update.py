@@ -1,7 +1,7 @@
 """One data-parallel solver update, for tests/test_distributed.py (not a test file itself).
 
     python -m torch.distributed.run --nproc_per_node 2 tests/ddp_update.py MODEL DATA OUT
-Each rank samples its own rollout, then train.update_policy averages the gradients; every rank
+Each rank samples its own rollout, then update.update_policy averages the gradients; every rank
 saves its rollout and its resulting adapter so a single process can redo the update.
 """
 import os
@@ -12,6 +12,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import train  # noqa: E402
+import update  # noqa: E402
 import vlm  # noqa: E402
 from config import Config  # noqa: E402
 from data_and_utils import ImagePool, solver_prompt  # noqa: E402
@@ -59,7 +60,7 @@ def update_and_save(model: str, data: str, out: str, dist: Dist):
     prompt = prompt_for(solver, pool, dist.rank)
     roll = vlm.generate(solver, prompt, 3, 12, 1.0, 1.0)
     opt = torch.optim.AdamW(solver.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    train.update_policy(cfg, solver, opt, train.Episode(prompt, roll, []),
+    update.update_policy(cfg, solver, opt, update.Episode(prompt, roll, []),
                         advantages(dist.rank), BETA, dist)
     torch.save({"texts": roll.texts, "ids": roll.ids, "mask": roll.mask,
                 "params": [p.detach().clone() for p in solver.parameters()]},

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 import rewards as R
 import sampling
 import train
+import update
 import vlm
 from config import Config
 from conftest import ROOT, train_args
@@ -141,13 +142,13 @@ def test_batched_gradient_is_the_sum_of_per_image_gradients(batch, micro_batch):
     cfg.update_micro_batch = micro_batch
     adv = torch.linspace(-1.0, 1.2, B * N)
     solver.model.zero_grad(set_to_none=True)
-    loss, kl = train.accumulate_gradients(cfg, solver, train.Episode(prompt, roll, []), adv, 0.3)
+    loss, kl = update.accumulate_gradients(cfg, solver, update.Episode(prompt, roll, []), adv, 0.3)
     batched = grads(solver)
     solver.model.zero_grad(set_to_none=True)
     norm, parts = (B * N, int(roll.mask.sum())), []
     for b in range(B):  # each image's own update, with the batch's means: grads add up in .grad
         one = vlm.Rollout(roll.texts[rows(b)], roll.ids[rows(b)], roll.mask[rows(b)])
-        parts.append(train.accumulate_gradients(cfg, solver, train.Episode(alone[b], one, []),
+        parts.append(update.accumulate_gradients(cfg, solver, update.Episode(alone[b], one, []),
                                                 adv[rows(b)], 0.3, norm=norm))
     summed = grads(solver)
     solver.model.zero_grad(set_to_none=True)
@@ -163,16 +164,16 @@ def test_gradient_checkpointing_batched_update_is_the_same(tiny_model, batch):
     """The joint-forward fallback (no shared cache) over left-padded rows, chunks across images."""
     cfg, policies, prompt, _, roll = batch
     adv = torch.linspace(-1.0, 1.2, B * N)
-    episode = train.Episode(prompt, roll, [])
+    episode = update.Episode(prompt, roll, [])
     cfg.update_micro_batch = 0
     solver = policies["solver"]
     solver.model.zero_grad(set_to_none=True)
-    train.accumulate_gradients(cfg, solver, episode, adv, 0.3)
+    update.accumulate_gradients(cfg, solver, episode, adv, 0.3)
     plain = grads(solver)
     solver.model.zero_grad(set_to_none=True)
     gc_cfg, gc_policies = make_policies(tiny_model, gradient_checkpointing=True,
                                         update_micro_batch=5)
-    train.accumulate_gradients(gc_cfg, gc_policies["solver"], episode, adv, 0.3)
+    update.accumulate_gradients(gc_cfg, gc_policies["solver"], episode, adv, 0.3)
     checkpointed = grads(gc_policies["solver"])
     assert plain.keys() == checkpointed.keys()
     for name, g in plain.items():

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import statefile
-import train
+import update
 import vlm
 from conftest import ROOT, train_args
 
@@ -90,9 +90,9 @@ def test_averaged_gradients_equal_single_process_update_on_both_rollouts(tiny_mo
     opt = torch.optim.AdamW(solver.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     opt.zero_grad()
     for rank, saved in enumerate(ranks):
-        episode = train.Episode(ddp_update.prompt_for(solver, pool, rank),
+        episode = update.Episode(ddp_update.prompt_for(solver, pool, rank),
                                 vlm.Rollout(saved["texts"], saved["ids"], saved["mask"]), [])
-        train.accumulate_gradients(cfg, solver, episode, ddp_update.advantages(rank), ddp_update.BETA)
+        update.accumulate_gradients(cfg, solver, episode, ddp_update.advantages(rank), ddp_update.BETA)
     for p in solver.parameters():
         p.grad /= 2
     torch.nn.utils.clip_grad_norm_(solver.parameters(), cfg.grad_clip)

@@ -18,6 +18,7 @@ import infer
 import rewards as R
 import statefile
 import train
+import update
 import vlm
 from config import Config
 from conftest import ENV, ROOT, train_args
@@ -125,12 +126,12 @@ def test_per_sample_step_matches_one_update_per_completion(tiny_model):
     prompt = vlm.make_prompt(solver, Image.new("RGB", (112, 84), (200, 30, 30)),
                              solver_prompt("How many circles?"))
     torch.manual_seed(1)
-    episode = train.Episode(prompt, vlm.generate(solver, prompt, 3, 8, 1.0, 1.0), [0.9, 0.2, 0.5])
+    episode = update.Episode(prompt, vlm.generate(solver, prompt, 3, 8, 1.0, 1.0), [0.9, 0.2, 0.5])
     start = {n: p.detach().clone() for n, p in solver.model.named_parameters() if "lora_" in n}
     sgd = lambda: torch.optim.SGD(solver.parameters(), lr=0.5)  # noqa: E731
     st = train.TrainState(baseline={"solver": 0.3, "proposer": 0.0},
                           kl_coef={"solver": 0.05, "proposer": 1e-3})
-    rec = train._update_role(cfg, "solver", policies, {"solver": sgd()}, episode, st,
+    rec = update.update_role(cfg, "solver", policies, {"solver": sgd()}, episode, st,
                              train.Dist())
     ours = {n: p.detach().clone() for n, p in solver.model.named_parameters() if "lora_" in n}
     with torch.no_grad():
@@ -138,9 +139,9 @@ def test_per_sample_step_matches_one_update_per_completion(tiny_model):
             if n in start:
                 p.copy_(start[n])
     b, beta, opt = 0.3, 0.05, sgd()
-    for i, (_, one) in enumerate(train._per_sample(episode)):
+    for i, (_, one) in enumerate(update._per_sample(episode)):
         assert rec["solver_baseline_per_sample"][i] == pytest.approx(b)
-        out = train.update_policy(cfg, solver, opt, one, torch.tensor([one.rewards[0] - b]),
+        out = update.update_policy(cfg, solver, opt, one, torch.tensor([one.rewards[0] - b]),
                                   beta, train.Dist())
         b = R.update_ema_baseline(b, one.rewards, 0.9)
         beta = R.update_kl_coef(beta, out["kl"], 0.02, 0.1, 0.2)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-import train
+import update
 import vlm
 from config import Config
 from data_and_utils import solver_prompt
@@ -42,7 +42,7 @@ def setup(tiny_model):
     torch.manual_seed(1)
     roll = vlm.generate(solver, prompt, N, 12, 1.0, 1.0)
     roll.mask[1, 7:] = 0  # one shorter completion: padding must not change the others
-    episode = train.Episode(prompt, roll, [0.0] * N)
+    episode = update.Episode(prompt, roll, [0.0] * N)
     return cfg, policies, episode
 
 
@@ -52,7 +52,7 @@ def sgd_update(cfg, policy, episode, micro_batch: int) -> tuple[dict, dict]:
     before = {n: p.detach().clone() for n, p in policy.model.named_parameters() if "lora_" in n}
     cfg.update_micro_batch = micro_batch
     adv = torch.tensor([0.5, -1.0, 0.25, 1.5, -0.75])
-    out = train.update_policy(cfg, policy, torch.optim.SGD(policy.parameters(), lr=1.0), episode,
+    out = update.update_policy(cfg, policy, torch.optim.SGD(policy.parameters(), lr=1.0), episode,
                               adv, 0.3, Dist())
     after = {n: p.detach().clone() for n, p in policy.model.named_parameters() if "lora_" in n}
     with torch.no_grad():
