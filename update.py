@@ -17,8 +17,9 @@ import rewards as R
 from config import Config
 from distributed import Dist
 from errors import TrainingError
-from vlm import (Policy, Prompt, Rollout, acting, completion_logits, kl_per_token,
-                 reference_logprobs, row_images, token_logprobs)
+from logprobs import (completion_logits, kl_per_token, reference_logprobs, row_images,
+                      token_logprobs)
+from vlm import Policy, Prompt, Rollout, acting
 
 log = logging.getLogger("ireasoner")
 MAX_NONFINITE_IN_A_ROW = 3

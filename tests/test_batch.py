@@ -16,6 +16,7 @@ import rewards as R
 import sampling
 import train
 import update
+import logprobs
 import vlm
 from config import Config
 from conftest import ROOT, train_args
@@ -63,20 +64,20 @@ def test_padded_row_scores_as_the_same_completion_alone(batch, chunk):
     images included) against each image's prompt alone."""
     _, policies, prompt, alone, roll = batch
     solver, ids, mask = policies["solver"], roll.ids, roll.mask
-    owner = vlm.row_images(prompt, ids.shape[0])
+    owner = logprobs.row_images(prompt, ids.shape[0])
     with torch.no_grad(), vlm.acting(solver) as model:
         model.eval()
-        got = torch.cat([vlm.completion_logits(model, prompt, ids[lo:lo + chunk],
+        got = torch.cat([logprobs.completion_logits(model, prompt, ids[lo:lo + chunk],
                                                mask[lo:lo + chunk], owner[lo:lo + chunk])
                          for lo in range(0, B * N, chunk)])
-        ref = torch.cat([vlm.reference_logprobs(solver, prompt, ids[lo:lo + chunk],
+        ref = torch.cat([logprobs.reference_logprobs(solver, prompt, ids[lo:lo + chunk],
                                                 mask[lo:lo + chunk], owner[lo:lo + chunk])
                          for lo in range(0, B * N, chunk)])
         for b in range(B):
-            own = vlm.completion_logits(model, alone[b], ids[rows(b)], mask[rows(b)])
-            own_ref = vlm.reference_logprobs(solver, alone[b], ids[rows(b)], mask[rows(b)])
-            tok, _ = vlm.token_logprobs(got[rows(b)], ids[rows(b)])
-            expected, _ = vlm.token_logprobs(own, ids[rows(b)])
+            own = logprobs.completion_logits(model, alone[b], ids[rows(b)], mask[rows(b)])
+            own_ref = logprobs.reference_logprobs(solver, alone[b], ids[rows(b)], mask[rows(b)])
+            tok, _ = logprobs.token_logprobs(got[rows(b)], ids[rows(b)])
+            expected, _ = logprobs.token_logprobs(own, ids[rows(b)])
             m = mask[rows(b)].bool()
             assert torch.allclose(tok[m], expected[m], atol=1e-5, rtol=0), b
             gather = lambda lp: lp.gather(-1, ids[rows(b), :, None])[..., 0][m]
@@ -280,9 +281,9 @@ def test_other_families_pad_exactly(family, tmp_path):
     prompt = vlm.make_prompts(policy, images, texts)
     torch.manual_seed(0)
     roll = vlm.generate(policy, prompt, 2, 6, 1.0, 1.0)
-    owner = vlm.row_images(prompt, 6)
+    owner = logprobs.row_images(prompt, 6)
     with torch.no_grad():
-        got = vlm.completion_logits(model, prompt, roll.ids, roll.mask, owner)
+        got = logprobs.completion_logits(model, prompt, roll.ids, roll.mask, owner)
         core, head = vlm._core(model), model.get_output_embeddings()
         first, step, start = sampling.prefill(core, head, prompt.inputs,
                                               vlm._select_mm(prompt, [0, 1, 2]), 2, 3)
@@ -290,7 +291,7 @@ def test_other_families_pad_exactly(family, tmp_path):
         for b in range(3):
             alone = vlm.make_prompt(policy, images[b], texts[b])
             rows_b = slice(2 * b, 2 * b + 2)
-            own = vlm.completion_logits(model, alone, roll.ids[rows_b], roll.mask[rows_b])
+            own = logprobs.completion_logits(model, alone, roll.ids[rows_b], roll.mask[rows_b])
             m = roll.mask[rows_b].bool()
             assert torch.allclose(got[rows_b][m], own[m], atol=1e-5, rtol=0), b
             first1, step1, start1 = sampling.prefill(core, head, alone.inputs,

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 import train
+import logprobs
 import vlm
 from data_and_utils import solver_prompt
 from tiny import FAMILIES, build_tiny_model, make_synthetic_images
@@ -66,7 +67,7 @@ def test_precomputed_features_match_plain_forward(family_model):
                                "<answer>seven</answer>"], add_special_tokens=False,
                               padding=True, padding_side="right", return_tensors="pt")
     mask = ids["attention_mask"]
-    fast = vlm.completion_logits(model, prompt, ids["input_ids"], mask)
+    fast = logprobs.completion_logits(model, prompt, ids["input_ids"], mask)
     p, n = prompt.inputs, mask.shape[0]
     full = model(input_ids=torch.cat([p["input_ids"].expand(n, -1), ids["input_ids"]], 1),
                  attention_mask=torch.cat([p["attention_mask"].expand(n, -1), mask], 1),
@@ -81,5 +82,5 @@ def test_precomputed_features_match_plain_forward(family_model):
         feats = prompt.image_features
         feats.deepstack_features = [tuple(torch.zeros_like(t) for t in layer)
                                     for layer in feats.deepstack_features]
-        blind = vlm.completion_logits(model, prompt, ids["input_ids"], mask)
+        blind = logprobs.completion_logits(model, prompt, ids["input_ids"], mask)
         assert (blind - plain).abs().max().item() > 1e-3

@@ -27,6 +27,7 @@ sys.path.insert(0, ROOT)
 import checkpoint as ckpt  # noqa: E402
 import statefile  # noqa: E402
 import train  # noqa: E402
+import update  # noqa: E402
 from config import Config, parse_config  # noqa: E402
 from conftest import ENV, strict_json_lines, train_args  # noqa: E402
 from distributed import Dist  # noqa: E402
@@ -407,8 +408,8 @@ def test_adapter_of_another_shape_is_a_mismatch_not_damage(tiny_model, tmp_path)
 
 # ---------------------------------------------------------------- non-finite updates
 def nan_logits_on(calls: set):
-    """A train.completion_logits whose numbered calls (1-based) return NaN (still in the graph)."""
-    real = train.completion_logits
+    """An update.completion_logits whose numbered calls (1-based) return NaN (still in the graph)."""
+    real = update.completion_logits
 
     def fail(_real, *args, **kwargs):
         return _real(*args, **kwargs) * float("nan")
@@ -422,7 +423,7 @@ def test_one_nonfinite_update_is_skipped_and_counted(tiny_model, image_dir, tmp_
     run_dir = os.path.join(out, "nan1")
     argv = train_args(tiny_model, image_dir, out, "nan1", steps=3, save_every=1, max_checkpoints=3)
     # Calls: step 1 solver, step 2 solver (NaN) and proposer, step 3 solver.
-    monkeypatch.setattr(train, "completion_logits", nan_logits_on({2}))
+    monkeypatch.setattr(update, "completion_logits", nan_logits_on({2}))
     assert run_inprocess(argv) == 0
     log = read_log(run_dir)
     assert [r["nonfinite_skips"] for r in log] == [0, 1, 1]
@@ -446,7 +447,7 @@ def test_three_nonfinite_in_a_row_stop_without_saving(tiny_model, image_dir, tmp
     run_dir = os.path.join(out, "nan3")
     argv = train_args(tiny_model, image_dir, out, "nan3", steps=4, save_every=1, max_checkpoints=5)
     # From call 2 on: step 2 solver, step 2 proposer, step 3 solver -> the third in a row.
-    monkeypatch.setattr(train, "completion_logits", nan_logits_on(set(range(2, 100))))
+    monkeypatch.setattr(update, "completion_logits", nan_logits_on(set(range(2, 100))))
     assert run_inprocess(argv) == 1
     lines = error_lines(capsys.readouterr().err)
     assert len(lines) == 1 and "3 non-finite updates in a row" in lines[0]

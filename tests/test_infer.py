@@ -16,6 +16,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import infer
 import train
+import logprobs
 import vlm
 from config import Config
 from data_and_utils import solver_prompt
@@ -72,7 +73,7 @@ def plain_logits(model, processor, image, ids):
 def policy_logits(policy, image, ids, mask):
     prompt = vlm.make_prompt(policy, image, solver_prompt("How many?"))
     with vlm.acting(policy) as model:
-        return vlm.completion_logits(model.eval(), prompt, ids, mask)
+        return logprobs.completion_logits(model.eval(), prompt, ids, mask)
 
 
 def test_checkpoint_adapter_loads_like_lmms_eval(tiny_model, step_dir):
