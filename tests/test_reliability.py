@@ -102,7 +102,9 @@ def test_sigkilled_holder_leaves_no_stale_lock(tiny_model, image_dir, tmp_path):
 def damaged_copy(tiny_model: str, dest: str, kind: str) -> str:
     shutil.copytree(tiny_model, dest)
     if kind == "truncated_weights":
-        path = os.path.join(dest, "model.safetensors")
+        # the first weights file: model.safetensors, or the hub layout's first shard
+        path = os.path.join(dest, sorted(n for n in os.listdir(dest)
+                                         if n.startswith("model") and n.endswith(".safetensors"))[0])
         data = open(path, "rb").read()
         open(path, "wb").write(data[: len(data) // 2])
     elif kind == "text_only":

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 import statefile
 import train
-from conftest import ROOT, train_args
+from conftest import ENV, ROOT, train_args
 
 REQUIRED_KEYS = """step image_path question proposer_output solver_outputs answers answers_norm
 pre_answer_words steps_per_sample dominant_answer dominant_count answer_entropy reward_outcome
@@ -29,7 +29,8 @@ def read_log(run_dir):
 
 
 def run_cli(args, cwd=None, script="train.py", timeout=300):
-    return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=cwd,
+    # one thread, as in-process tests (conftest.ENV): exact-resume tests compare runs bit for bit
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=cwd, env=ENV,
                           capture_output=True, text=True, timeout=timeout)
 
 
