@@ -279,8 +279,8 @@ def build_demo(root: str = "runs", ws: WarmStart | None = None) -> dict:
 @dataclass
 class DemoRun:
     """The self-training run: flags chosen so the tiny model learns in a few CPU minutes."""
-    steps: int = 48
-    seed: int = 42
+    steps: int = 96
+    seed: int = 1
     lr: float = 1e-3
     kl_coef: float = 0.5
     samples: int = 5

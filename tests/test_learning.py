@@ -22,9 +22,9 @@ from checkpoint import complete_checkpoints
 
 SEEDS = (1, 2, 3)
 STEPS = demo.DemoRun.steps
-# Measured on a 2-core CPU: the seeds gained +0.106, +0.072, +0.028 (mean 0.069, sd 0.039, so
-# twice the standard error of the mean is 0.045); with the advantage's sign flipped they lost
-# 0.094, 0.053, 0.053. The mean gain must clear twice its own standard error over the seeds and
+# Measured on a 2-core CPU (96 steps): the seeds gained +0.059, +0.103, +0.022 (mean 0.061, sd
+# 0.041, so twice the standard error of the mean is 0.047); with the advantage's sign flipped
+# they lost (see README). The mean gain must clear twice its own standard error over the seeds and
 # a floor of 0.03: the evaluation's sampling noise alone (a proportion over 320 answers, sd
 # ~0.028, with the shared "before" term not averaging out) gives a mean gain of about +-0.03.
 MIN_MEAN_GAIN = 0.03
