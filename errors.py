@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import os
 import sys
+import time
+
+# How long a rank other than 0 waits before leaving on an error every rank met (see report).
+PEER_EXIT_DELAY_S = 3.0
 
 
 class UserError(Exception):
@@ -42,3 +46,8 @@ def report(e: BaseException) -> None:
         print(f"error: {e}", file=sys.stderr)
     elif getattr(e, "local", False):
         print(f"error: rank {rank}: {e}", file=sys.stderr)
+    else:
+        # The silent ranks leave a moment after rank 0: torchrun stops every other rank as soon
+        # as one exits with an error, and a silent rank that got there first (a bad flag fails
+        # in milliseconds) could have rank 0 stopped before its one line was out.
+        time.sleep(PEER_EXIT_DELAY_S)
