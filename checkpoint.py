@@ -1,13 +1,16 @@
-"""Checkpoints: atomic writes, newest-complete resume, rotation, and iter_log repair.
+"""Checkpoints: atomic writes, newest-complete resume, rotation, iter_log repair, and the
+trainer state as plain data.
 
 A checkpoint is runs/<run>/step_NNNNN/ with solver/, proposer/, trainer_state.json,
 trainer_state.safetensors and SAVE_OK. It is written to a temporary sibling folder and renamed,
 so a folder with that name is either complete or absent; SAVE_OK is written last as a second
-witness. The trainer state is plain data (statefile.py): loading a checkpoint never unpickles,
-so a checkpoint from anywhere cannot run code. Old pickled trainer_state.pt files are refused
-until converted on purpose: python run.py convert-checkpoint runs/<run>/step_NNNNN --trust-pickle
+witness. trainer_state.json holds numbers, strings and the config; every tensor (optimizer
+moments, RNG states) lives in trainer_state.safetensors and the JSON names it as
+{"__tensor__": key}. Neither reader can execute anything, unlike torch.load on a pickle, so a
+checkpoint from anywhere cannot run code; read_state + validate check every key and type
+before use.
 
-    python -m pytest tests/test_train.py -q
+    python -m pytest tests/test_train.py tests/test_statefile.py -q
 """
 from __future__ import annotations
 
@@ -19,13 +22,13 @@ import re
 import shutil
 import time
 
-from safetensors import SafetensorError
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
-import statefile
-from atomic import atomic_dir, write_text
-from errors import UserError, first_line
-from statefile import STATE_JSON, OLD_STATE_FILE, OldFormat, StateProblem
-from vlm import save_policy, load_policy
+from distributed import UserError, first_line
+from runtime import atomic_dir, write_text
+from vlm import load_policy, save_policy
 
 log = logging.getLogger("ireasoner")
 STEP_DIR = re.compile(r"^step_(\d{5,})$")
@@ -72,7 +75,7 @@ def save_checkpoint(run_dir: str, step: int, policies: dict, state: dict, keep: 
         with atomic_dir(final, f"{final}{TMP_MARK}{os.getpid()}", replace=True) as tmp:
             for role, policy in policies.items():
                 save_policy(policy, os.path.join(tmp, role))
-            statefile.write_state(tmp, state)
+            write_state(tmp, state)
             with open(os.path.join(tmp, DONE_FILE), "w") as f:
                 f.write(f"step {step}\n")
                 f.flush()
@@ -112,10 +115,10 @@ def load_checkpoint(path: str, policies: dict, optimizers: dict | None = None,
         raise UserError(f"{path} is not a complete checkpoint (no {DONE_FILE})")
     m = STEP_DIR.match(os.path.basename(os.path.normpath(path)))
     try:
-        state = statefile.read_state(path)
+        state = read_state(path)
         if m is None:
             raise StateProblem("its name is not step_NNNNN, so its step cannot be checked")
-        state = statefile.validate(state, int(m.group(1)), optimizers, template)
+        state = validate(state, int(m.group(1)), optimizers, template)
     except OldFormat as e:
         raise UserError(f"checkpoint {path} {e}") from e
     except StateProblem as e:
@@ -136,34 +139,6 @@ def load_checkpoint(path: str, policies: dict, optimizers: dict | None = None,
     return state
 
 
-def convert_checkpoints(path: str, trust_pickle: bool) -> list[str]:
-    """`run.py convert-checkpoint`: rewrite old pickled trainer states (one step folder, or
-    every step folder of a run) in the plain format. Returns the folders converted."""
-    if not os.path.isdir(path):
-        raise UserError(f"{path} is not a folder")
-    folders = [path] if STEP_DIR.match(os.path.basename(os.path.normpath(path))) else \
-        [os.path.join(path, n) for n in sorted(os.listdir(path)) if STEP_DIR.match(n)]
-    old = [f for f in folders if os.path.isfile(os.path.join(f, OLD_STATE_FILE))
-           and not os.path.isfile(os.path.join(f, STATE_JSON))]
-    if not old:
-        raise UserError(f"{path} holds no old-format checkpoint (a step_NNNNN folder with "
-                        f"{OLD_STATE_FILE} and no {STATE_JSON})")
-    if not trust_pickle:
-        raise UserError(f"converting loads {OLD_STATE_FILE} with pickle, which runs any code the "
-                        f"file carries; only if you trust where {path} came from, rerun with "
-                        f"--trust-pickle")
-    for folder in old:
-        try:
-            state = statefile.convert_old(folder)
-            statefile.validate(state, int(STEP_DIR.match(os.path.basename(
-                os.path.normpath(folder))).group(1)))
-        except StateProblem as e:
-            raise UserError(f"checkpoint {folder}: {e}") from e
-        except (OSError, EOFError, RuntimeError, ValueError, pickle.UnpicklingError) as e:
-            raise UserError(f"checkpoint {folder}: converting {OLD_STATE_FILE} failed "
-                            f"({first_line(e)})") from e
-    return old
-
 
 def read_run_settings(step_dir: str) -> dict | None:
     """{"config": ..., "prompts": ...} saved in a checkpoint folder, or None when the folder is not
@@ -171,7 +146,7 @@ def read_run_settings(step_dir: str) -> dict | None:
     if not os.path.isfile(os.path.join(step_dir, DONE_FILE)):
         return None
     try:
-        state = statefile.read_state(step_dir)
+        state = read_state(step_dir)
     except StateProblem as e:
         raise UserError(f"checkpoint {step_dir}: {e}") from e
     return {"config": state.get("config", {}), "prompts": state.get("prompts")}
@@ -228,3 +203,199 @@ def changed_flags(path: str, saved: dict, now: dict) -> list[str]:
     return [f"--{key} {saved[key] if key in saved else '(not recorded)'} -> {value}"
             for key, value in now.items()
             if key not in MODEL_FLAGS + RUN_FLAGS and (key not in saved or saved[key] != value)]
+
+
+# ---------------------------------------------------------------- the trainer state as plain data
+STATE_JSON = "trainer_state.json"
+STATE_TENSORS = "trainer_state.safetensors"
+OLD_STATE_FILE = "trainer_state.pt"
+CONVERTER_COMMIT = "2403201"  # the last commit with `run.py convert-checkpoint`
+FORMAT = 1
+TENSOR = "__tensor__"
+TOP_LEVEL = {"format": int, "step": int, "world_size": int, "train_state": dict, "config": dict,
+             "rng": list, "optimizers": dict}
+PY_RNG_WORDS, NP_RNG_WORDS = 625, 624  # Mersenne Twister state sizes (random, numpy)
+
+
+class StateProblem(Exception):
+    """What is wrong with a state file; load_checkpoint adds the folder and what to do."""
+
+
+class OldFormat(StateProblem):
+    """A pickled trainer_state.pt, a format this trainer no longer reads."""
+
+
+
+
+# ---------------------------------------------------------------- writing
+def write_state(folder: str, state: dict) -> None:
+    """Tensors first, the JSON last: the JSON names the tensors, so it is the file whose
+    presence says the state is whole. Raises what the writers raise (OSError, SafetensorError)."""
+    tensors: dict[str, torch.Tensor] = {}
+    plain = {"format": FORMAT, **_split(state, "", tensors)}
+    save_file(tensors, os.path.join(folder, STATE_TENSORS))
+    # allow_nan=False: a NaN here is a bug to see now, not a file strict readers reject later
+    text = json.dumps(plain, allow_nan=False, indent=1)
+    with open(os.path.join(folder, STATE_JSON), "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _split(obj, key: str, tensors: dict):
+    """JSON-able copy of obj with each tensor moved into `tensors` under its path."""
+    if isinstance(obj, torch.Tensor):
+        tensors[key] = obj.detach().cpu().contiguous()
+        return {TENSOR: key}
+    if isinstance(obj, dict):
+        return {str(k): _split(v, f"{key}/{k}", tensors) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_split(v, f"{key}/{i}", tensors) for i, v in enumerate(obj)]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"trainer state {key}: {type(obj).__name__} is not plain data")  # a bug
+
+
+# ---------------------------------------------------------------- reading
+def _refuse_constant(name: str):
+    raise ValueError(f"non-standard JSON constant {name}")
+
+
+def read_state(folder: str) -> dict:
+    """The state with its tensors in place. Raises StateProblem (OldFormat for a pickle), never unpickles."""
+    json_path = os.path.join(folder, STATE_JSON)
+    if not os.path.isfile(json_path):
+        if os.path.exists(os.path.join(folder, OLD_STATE_FILE)):
+            raise OldFormat(f"holds a pickled {OLD_STATE_FILE}, an old format this trainer no "
+                            f"longer reads (loading it could run code). If you trust its origin, "
+                            f"convert it with the trainer at commit {CONVERTER_COMMIT}: python "
+                            f"run.py convert-checkpoint {folder} --trust-pickle")
+        raise StateProblem(f"has no {STATE_JSON}")
+    try:
+        with open(json_path, encoding="utf-8") as f:
+            plain = json.loads(f.read(), parse_constant=_refuse_constant)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise StateProblem(f"{STATE_JSON} is unreadable ({first_line(e)})") from e
+    if not isinstance(plain, dict):
+        raise StateProblem(f"{STATE_JSON} holds a {type(plain).__name__}, not an object")
+    try:
+        with safe_open(os.path.join(folder, STATE_TENSORS), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (OSError, SafetensorError) as e:
+        raise StateProblem(f"{STATE_TENSORS} is unreadable ({first_line(e)})") from e
+    return _join(plain, tensors)
+
+
+def _join(obj, tensors: dict):
+    if isinstance(obj, dict):
+        if set(obj) == {TENSOR}:
+            if obj[TENSOR] not in tensors:
+                raise StateProblem(f"{STATE_JSON} names tensor {obj[TENSOR]!r}, which "
+                                   f"{STATE_TENSORS} lacks")
+            return tensors[obj[TENSOR]]
+        return {k: _join(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_join(v, tensors) for v in obj]
+    return obj
+
+
+# ---------------------------------------------------------------- validation
+def _need(ok: bool, problem: str) -> None:
+    if not ok:
+        raise StateProblem(problem)
+
+
+def _is(value, kind: type) -> bool:
+    """Exact JSON types: a bool is not an int here; an int is a fine float."""
+    return type(value) in (int, float) if kind is float else type(value) is kind
+
+
+def _typed(mapping: dict, key: str, kind: type, where: str):
+    _need(key in mapping, f"{where}{key} is missing")
+    value = mapping[key]
+    _need(_is(value, kind), f"{where}{key} is a {type(value).__name__}, expected {kind.__name__}")
+    return value
+
+
+def validate(state: dict, folder_step: int, optimizers: dict | None = None,
+             template: dict | None = None) -> dict:
+    """Check keys, types, the step and (given the optimizers) that each optimizer's state fits
+    its parameters. Returns the state with optimizer states in torch's own form."""
+    for key, kind in TOP_LEVEL.items():
+        _typed(state, key, kind, "")
+    _need(state["format"] == FORMAT, f"format {state['format']} is not {FORMAT}")
+    _need(state["step"] == folder_step,
+          f"step {state['step']} does not match the folder name (step {folder_step})")
+    ts = state["train_state"]
+    _need(_typed(ts, "step", int, "train_state.") == folder_step,
+          f"train_state.step {ts['step']} does not match the folder name (step {folder_step})")
+    for key, default in (template or {}).items():
+        value = _typed(ts, key, type(default), "train_state.")
+        if isinstance(default, dict):
+            for k, v in default.items():
+                _typed(value, k, type(v), f"train_state.{key}.")
+    _need(len(state["rng"]) >= 1, "rng is empty")
+    for rank, rng in enumerate(state["rng"]):
+        _check_rng(rng, f"rng[{rank}].")
+    out = dict(state)
+    if optimizers is not None:
+        out["optimizers"] = {role: _optimizer_state(state["optimizers"], role, opt)
+                             for role, opt in optimizers.items()}
+    return out
+
+
+def _check_rng(rng, where: str) -> None:
+    _need(isinstance(rng, dict), f"{where[:-1]} is not an object")
+    py = _typed(rng, "python", list, where)
+    _need(len(py) == 3 and _is(py[0], int) and isinstance(py[1], list)
+          and len(py[1]) == PY_RNG_WORDS and all(_is(w, int) for w in py[1])
+          and (py[2] is None or _is(py[2], float)), f"{where}python is not a random state")
+    np_state = _typed(rng, "numpy", dict, where)
+    keys = _typed(np_state, "keys", list, f"{where}numpy.")
+    _need(len(keys) == NP_RNG_WORDS and all(_is(w, int) and 0 <= w < 2**32 for w in keys),
+          f"{where}numpy.keys is not a Mersenne Twister state")
+    _typed(np_state, "name", str, f"{where}numpy.")
+    for key in ("pos", "has_gauss"):
+        _typed(np_state, key, int, f"{where}numpy.")
+    _typed(np_state, "cached_gaussian", float, f"{where}numpy.")
+    cpu = _typed(rng, "torch", torch.Tensor, where)
+    _need(cpu.dtype == torch.uint8 and cpu.shape == torch.get_rng_state().shape,
+          f"{where}torch is not a torch generator state")
+    _need("cuda" in rng, f"{where}cuda is missing")
+    cuda = rng["cuda"]
+    _need(cuda is None or (isinstance(cuda, list) and all(
+        isinstance(t, torch.Tensor) and t.dtype == torch.uint8 for t in cuda)),
+        f"{where}cuda is not a list of CUDA generator states")
+
+
+def _optimizer_state(saved_all: dict, role: str, optimizer) -> dict:
+    """Torch's state_dict form of one saved optimizer, after checking it fits `optimizer`."""
+    where = f"optimizers.{role}."
+    saved = _typed(saved_all, role, dict, "optimizers.")
+    groups = _typed(saved, "param_groups", list, where)
+    state = _typed(saved, "state", dict, where)
+    _need(len(groups) == len(optimizer.param_groups),
+          f"{where}param_groups has {len(groups)} groups, the optimizer {len(optimizer.param_groups)}")
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for i, (group, live) in enumerate(zip(groups, optimizer.param_groups)):
+        _need(isinstance(group, dict), f"{where}param_groups[{i}] is not an object")
+        ids = _typed(group, "params", list, f"{where}param_groups[{i}].")
+        _need(len(ids) == len(live["params"]),
+              f"{where}param_groups[{i}] has {len(ids)} parameters, the model {len(live['params'])}")
+    restored = {}
+    for key, entry in state.items():
+        _need(key.isdigit() and int(key) < len(params), f"{where}state has unknown parameter {key}")
+        _need(isinstance(entry, dict) and all(isinstance(t, torch.Tensor) for t in entry.values()),
+              f"{where}state.{key} is not a set of tensors")
+        shape = tuple(params[int(key)].shape)
+        for name, t in entry.items():
+            _need(t.dim() == 0 or tuple(t.shape) == shape,
+                  f"{where}state.{key}.{name} has shape {tuple(t.shape)}, its parameter {shape}")
+        restored[int(key)] = entry
+    # JSON has no tuples; AdamW's betas was one
+    groups = [{k: tuple(v) if isinstance(v, list) and k != "params" else v
+               for k, v in g.items()} for g in groups]
+    return {"state": restored, "param_groups": groups}
+
+
+

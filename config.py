@@ -318,11 +318,3 @@ class EvalArgs(SampleArgs):
         self.adapter = [a for group in self.adapter
                         for a in (group if isinstance(group, list) else [group])]
 
-
-@dataclass(kw_only=True)
-class ConvertArgs:
-    """`run.py convert-checkpoint DIR --trust-pickle`: old pickled trainer state -> plain data."""
-    path: str = _help("A step_NNNNN checkpoint folder, or a run folder (converts each old one).")
-    trust_pickle: bool = _help("Load the old pickled trainer_state.pt, which runs any code it "
-                               "carries: only for checkpoints whose origin you trust.",
-                               default=False)

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image, ImageOps
 from qwen_vl_utils import smart_resize
 
-from errors import UserError, first_line
+from distributed import UserError, first_line
 
 log = logging.getLogger("ireasoner")
 

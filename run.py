@@ -5,7 +5,6 @@
     python run.py plot runs/<run> [--out file.png]   # training curves from iter_log.jsonl
     python run.py --data_dir ... ...   # exactly `python train.py --data_dir ... ...`
     python run.py infer|eval|export    # use a trained Solver (see README)
-    python run.py convert-checkpoint runs/<run>/step_00002 --trust-pickle   # old pickled state
 """
 from __future__ import annotations
 
@@ -26,8 +25,8 @@ def learning_demo(root: str = DEMO_DIR, name: str = DEMO_RUN, run=None) -> dict:
     """Build (or reuse) the warm-started model, evaluate it, self-train it on unlabeled images,
     evaluate again. A rerun resumes an unfinished run. Returns {"before", "after", "run_dir"}."""
     import checkpoint
-    import demo
-    import plot
+    from tools import demo
+    from tools import plot
     import train
     run = run or demo.DemoRun()
     paths = demo.build_demo(root)
@@ -67,7 +66,7 @@ def _check_model(run_dir: str, model: str) -> None:
 
 
 def demo_main() -> int:
-    import demo
+    from tools import demo
     try:
         result = learning_demo()
     except DemoError as e:
@@ -82,7 +81,7 @@ def smoke() -> int:
     """The random-weight smoke run: gibberish in, gibberish out, but every part runs."""
     import checkpoint
     import train
-    from tiny import build_tiny_model, make_synthetic_images
+    from tools.tiny import build_tiny_model, make_synthetic_images
     print("smoke: building a tiny random Qwen2.5-VL and synthetic images under runs/ ...",
           flush=True)
     model = build_tiny_model(os.path.join(DEMO_DIR, "demo-model"))
@@ -103,25 +102,6 @@ def smoke() -> int:
         "--max_new_tokens_solver", "64", "--max_new_tokens_proposer", "32", "--lr", "1e-4"])
 
 
-def convert(argv: list[str]) -> int:
-    """Rewrite old-format checkpoints (pickled trainer_state.pt) as plain data, on request."""
-    import checkpoint
-    from config import ConvertArgs
-    from errors import UserError
-    from infer import parse_args
-    if argv and not argv[0].startswith("-"):
-        argv = ["--path", *argv]  # the folder may be given positionally, as documented
-    try:
-        args = parse_args("convert-checkpoint", argv, ConvertArgs)
-        done = checkpoint.convert_checkpoints(args.path, args.trust_pickle)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    for folder in done:
-        print(f"converted {folder}: trainer_state.json + trainer_state.safetensors written "
-              f"(trainer_state.pt is no longer read and may be deleted)")
-    return 0
-
 
 def main(argv: list[str]) -> int:
     if not argv:
@@ -129,13 +109,11 @@ def main(argv: list[str]) -> int:
     if argv[0] == "smoke":
         return smoke()
     if argv[0] == "plot":
-        import plot
+        from tools import plot
         return plot.main(argv[1:])
     if argv[0] in ("infer", "eval", "export"):
-        import infer
+        from tools import infer
         return infer.main(argv)
-    if argv[0] == "convert-checkpoint":
-        return convert(argv[1:])
     import train
     return train.main(argv)
 

@@ -1,16 +1,36 @@
-"""Process setup shared by every entry point (train.py, run.py, bench.py): seeding, the RNG
-state a checkpoint saves per rank, and the allocator setting the training loop wants.
+"""What every entry point (train.py, run.py, tools/, scripts/) stands on: loading a base model
+with one clear line for each way that fails, seeding and the RNG state a checkpoint saves per
+rank, atomic writes, and the per-step log (iter_log.jsonl and W&B).
 
-    python -m pytest tests/test_train.py -q
+- load_backbone: the hub client and transformers report a missing folder, an unreachable hub, a
+  text-only model, a damaged weights file or a missing tokenizer as 20-line tracebacks (or, for
+  a missing tokenizer, not at all: transformers 5 builds an empty one). It checks each in turn,
+  cheapest first, and raises UserError("cannot load model NAME: CAUSE").
+- atomic_dir / write_text: write to a temporary, then rename, so a file or folder under its
+  final name is either complete or absent.
+
+    python -m pytest tests/test_train.py tests/test_reliability.py -q
 """
 from __future__ import annotations
 
 import ctypes
+import json
 import logging
+import math
+import os
+import pickle
 import random
+import shutil
+import uuid
+from contextlib import contextmanager
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
+
+from distributed import UserError, first_line
 
 log = logging.getLogger("ireasoner")
 
@@ -49,7 +69,7 @@ def set_rng_state(s: dict) -> None:
 def keep_freed_memory() -> None:
     """Every step allocates and frees the same large CPU tensors. glibc returns blocks over
     128 KiB to the kernel on free, so the next step page-faults them back in: ~40k faults and
-    0.1-0.5 s of system time per tiny-model CPU step, measured on a 2-core CPU (bench.py). Keep
+    0.1-0.5 s of system time per tiny-model CPU step, measured on a 2-core CPU (scripts/bench.py). Keep
     freed memory for reuse instead; the process then stays at its peak RSS. No-op without glibc."""
     try:
         libc = ctypes.CDLL("libc.so.6")
@@ -60,3 +80,194 @@ def keep_freed_memory() -> None:
     for param in (m_mmap_threshold, m_trim_threshold):
         if not libc.mallopt(param, 1 << 30):
             log.debug("glibc refused mallopt(%d)", param)
+
+
+# ---------------------------------------------------------------- atomic files and folders
+@contextmanager
+def atomic_dir(final: str, tmp: str, replace: bool = False):
+    """Yield the temporary folder `tmp` (emptied first); on success rename it to `final`.
+    An existing `final` is removed first when `replace` (it must otherwise be absent or empty).
+    On an error the temporary is removed and the error propagates."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        yield tmp
+        if os.path.isdir(final):
+            if replace:
+                shutil.rmtree(final)
+            else:
+                os.rmdir(final)  # empty by contract: fails loudly otherwise
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_text(path: str, text: str, encoding: str = "utf-8") -> None:
+    """Replace the file at `path` with `text` in one rename."""
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding=encoding) as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- loading a base model
+def _looks_local(name: str) -> bool:
+    """A hub id is `name` or `org/name`; anything else can only be a folder."""
+    return (os.path.isabs(name) or name.startswith((".", "~")) or name.endswith("/")
+            or name.count("/") > 1)
+
+
+def _chain(e: BaseException):
+    while e is not None:
+        yield e
+        e = e.__cause__ or e.__context__
+
+
+def _hub_cause(e: OSError) -> str:
+    """transformers wraps the hub client's errors in OSErrors of varying text; the original is
+    in the exception chain."""
+    from huggingface_hub.errors import RepositoryNotFoundError
+    if any(isinstance(x, RepositoryNotFoundError) for x in _chain(e)):
+        return "not a local folder and not a model on the Hugging Face Hub (a typo?)"
+    text = str(e)
+    if "couldn't connect" in text or "offline" in text.lower():
+        return ("not a local folder, not in the Hugging Face cache, and the Hub cannot be "
+                "reached (offline?); download it first, or pass a local folder")
+    if "not a valid model identifier" in text or "Repository Not Found" in text:
+        return "not a local folder and not a model on the Hugging Face Hub (a typo?)"
+    return first_line(e)
+
+
+def load_config(name: str):
+    """The model's config, or UserError saying why there is none."""
+    if not os.path.isdir(name) and _looks_local(name):
+        what = "is a file, not a folder" if os.path.exists(name) else "does not exist"
+        raise UserError(f"cannot load model {name}: the local folder {what}")
+    if os.path.isdir(name) and not os.path.isfile(os.path.join(name, "config.json")):
+        raise UserError(f"cannot load model {name}: the folder has no config.json")
+    try:
+        return AutoConfig.from_pretrained(name)
+    except OSError as e:
+        raise UserError(f"cannot load model {name}: {_hub_cause(e)}") from e
+    except (ValueError, KeyError) as e:  # an unknown or missing model_type
+        raise UserError(f"cannot load model {name}: config.json is not a model this "
+                        f"transformers knows ({first_line(e)})") from e
+
+
+def load_processor(name: str):
+    """The processor, checked to have a real tokenizer and an image processor."""
+    try:
+        processor = AutoProcessor.from_pretrained(name)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        cause = ("its image processor config is missing (processor_config.json or "
+                 "preprocessor_config.json)" if "image processor" in str(e) else
+                 f"its processor or tokenizer cannot be loaded ({first_line(e)})")
+        raise UserError(f"cannot load model {name}: {cause}") from e
+    tokenizer = getattr(processor, "tokenizer", None)
+    if getattr(processor, "image_processor", None) is None or tokenizer is None:
+        raise UserError(f"cannot load model {name}: it has no image processor and tokenizer "
+                        f"(processor_config.json / preprocessor_config.json, tokenizer files)")
+    image_token = getattr(processor, "image_token", None)
+    # Without tokenizer files transformers 5 quietly builds an empty tokenizer (1 token).
+    if len(tokenizer) <= 1 or (image_token is not None and
+                               tokenizer.convert_tokens_to_ids(image_token) in (None, tokenizer.unk_token_id)):
+        raise UserError(f"cannot load model {name}: its tokenizer files are missing or do not "
+                        f"know the image token (tokenizer.json / tokenizer_config.json)")
+    return processor
+
+
+def load_backbone(name: str, dtype: torch.dtype, device_map: str, attn_implementation: str):
+    """(model, processor), frozen. Every failure is one UserError naming the model and cause."""
+    config = load_config(name)
+    if type(config) not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING:
+        raise UserError(f"cannot load model {name}: it is not an image-text model (model_type "
+                        f"{config.model_type!r}); pass a vision-language model such as "
+                        f"Qwen/Qwen2.5-VL-7B-Instruct")
+    processor = load_processor(name)
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(
+            name, dtype=dtype, device_map=device_map, attn_implementation=attn_implementation)
+    except SafetensorError as e:
+        raise UserError(f"cannot load model {name}: a weights file is damaged or truncated "
+                        f"({first_line(e)})") from e
+    except (OSError, EOFError, RuntimeError, ValueError, ImportError, pickle.UnpicklingError) as e:
+        raise UserError(f"cannot load model {name}: its weights cannot be loaded "
+                        f"({first_line(e)})") from e
+    model.requires_grad_(False)
+    return model, processor
+
+
+# ---------------------------------------------------------------- the per-step log
+def start_wandb(cfg, run_name: str, run_dir: str, st):
+    """A W&B run (None when disabled); its id lives in the trainer state, so a resume continues it."""
+    if cfg.wandb_mode == "disabled":
+        return None
+    import wandb
+    st.wandb_id = st.wandb_id or uuid.uuid4().hex[:12]  # stored in checkpoints: resumes the run
+    return wandb.init(project=cfg.wandb_project, name=run_name, id=st.wandb_id, resume="allow",
+                      mode=cfg.wandb_mode, dir=run_dir, config=cfg.to_dict())
+
+
+def log_wandb(run, records: list[dict]) -> None:
+    if run is None:
+        return
+    import wandb
+    r = records[0]
+    mean = lambda key: float(np.mean([x for rec in records for x in rec[key]]))
+    data = {"train/reward_final": mean("reward_final"), "train/reward_outcome": mean("reward_outcome"),
+            "train/answer_entropy": float(np.mean([x["answer_entropy"] for x in records])),
+            "train/step_reward_weight": r["step_reward_weight"], "train/seconds": r["seconds"],
+            "train/skipped_images": r["skipped_images"],
+            "solver/kl": r["solver_kl"], "solver/kl_coef": r["kl_coef_solver_after"],
+            "solver/loss": r["solver_loss"], "solver/baseline": r["solver_baseline_before"],
+            "proposer/reward": float(np.mean([x["proposer_reward"] for x in records])),
+            **{f"reasoning_step_agreement/{k}": v for k, v in r["step_info"].items()}}
+    if r["proposer_updated"]:
+        data.update({"proposer/kl": r["proposer_kl"], "proposer/kl_coef": r["kl_coef_proposer_after"],
+                     "proposer/loss": r["proposer_loss"]})
+    table = wandb.Table(columns=["question", "answers", "dominant"],
+                        data=[[x["question"], " | ".join(x["answers"]), x["dominant_answer"]]
+                              for x in records])
+    run.log({**data, "samples": table}, step=r["step"])
+
+
+def finite(record: dict) -> dict:
+    """A copy that strict JSON can hold: each NaN/Infinity becomes null, and the record's
+    "nonfinite" field maps that field's path to the value it had ("NaN", "Infinity",
+    "-Infinity"), so a skipped update stays visible. Python's json would write bare NaN,
+    which jq and every strict parser reject."""
+    found: dict[str, str] = {}
+
+    def clean(value, path: str):
+        if isinstance(value, float) and not math.isfinite(value):
+            found[path] = "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+            return None
+        if isinstance(value, dict):
+            return {k: clean(v, f"{path}.{k}" if path else str(k)) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(v, f"{path}[{i}]") for i, v in enumerate(value)]
+        return value
+
+    out = clean(record, "")
+    if found:
+        out["nonfinite"] = found
+    return out
+
+
+def json_line(record: dict) -> str:
+    """One strict JSON line (allow_nan=False: a non-finite number that slipped past finite()
+    is a bug, raised here rather than written)."""
+    return json.dumps(finite(record), ensure_ascii=False, allow_nan=False) + "\n"
+
+
+def append_log(log_path: str, records: list[dict]) -> None:
+    """One strict JSON line per record. A file name that is not UTF-8 reaches us with lone
+    surrogates; backslashreplace writes them as \\u escapes, so the line stays valid JSON."""
+    text = "".join(json_line(r) for r in records)
+    try:
+        with open(log_path, "a", encoding="utf-8", errors="backslashreplace") as f:
+            f.write(text)
+    except OSError as e:
+        raise UserError(f"writing {log_path} failed ({first_line(e)}); the last checkpoint "
+                        f"is intact: free space, then rerun the same command to resume") from e

@@ -10,7 +10,7 @@ tests/test_sampling.py; a float32 CPU adapter is folded into the weights, see _l
 their per-module Python; other models take the HF path, and decode_path says which and why.
 Several prompts (--images_per_step) are left-padded and prefilled together; each row then has its
 own position, the padding is masked, and the lean step keeps each prompt's keys and values once
-for its n rows (SharedPrefix). Timings: bench.py.
+for its n rows (SharedPrefix). Timings: scripts/bench.py.
 
     python -m pytest tests/test_sampling.py tests/test_batch.py -q
 """
@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 LEAN_TEXT_MODELS = ("qwen2_vl_text", "qwen2_5_vl_text")
-LEAN_DECODE = True  # False: always the HF layers (bench.py --decode hf times what lean is worth)
+LEAN_DECODE = True  # False: always the HF layers (scripts/bench.py --decode hf times what lean is worth)
 
 
 @torch.no_grad()
@@ -95,9 +95,9 @@ def eos_tensor(eos, device) -> torch.Tensor:
 def decode_path(lm, head) -> tuple[str, str]:
     """("lean", what it runs) or ("hf layers", why not lean): the decode step `decode` takes for
     this language model and lm_head with the active adapter, in eval mode as vlm.generate runs
-    it. Logged by train.py at start-up and printed by bench.py, so a slow path is never silent."""
+    it. Logged by train.py at start-up and printed by scripts/bench.py, so a slow path is never silent."""
     if not LEAN_DECODE:
-        return "hf layers", "switched off: sampling.LEAN_DECODE is False (bench.py --decode hf)"
+        return "hf layers", "switched off: sampling.LEAN_DECODE is False (scripts/bench.py --decode hf)"
     layers = LeanDecoder._layers(lm, head, fold=False)
     if isinstance(layers, str):
         return "hf layers", layers

@@ -27,9 +27,9 @@ from config import Config, parse_config
 from data_and_utils import (ImagePool, check_data_dir, extract_question, proposer_prompt,
                             solver_prompt)
 from distributed import Dist
-from errors import TrainingError, UserError, report
-from logs import append_log, log_wandb, start_wandb
-from runlock import run_lock
+from distributed import TrainingError, UserError, report
+from runtime import append_log, log_wandb, start_wandb
+from distributed import run_lock
 from runtime import keep_freed_memory, rng_state, seed_all, set_rng_state
 from sampling import decode_path
 from update import Episode, update_role
@@ -73,7 +73,7 @@ class Stop(StoppingCriteria):
 
 # ---------------------------------------------------------------- one step
 def no_timer(phase: str):
-    """The default phase timer of train_step: times nothing. bench.py passes one that records
+    """The default phase timer of train_step: times nothing. scripts/bench.py passes one that records
     wall and CPU seconds per phase (prompts, <role>_generate, rewards, <role>_update)."""
     return nullcontext()
 
@@ -237,7 +237,7 @@ def save(cfg: Config, run_dir: str, policies: dict, optimizers: dict, st: TrainS
 
 def build_models(cfg: Config, pool: ImagePool) -> tuple[dict, dict]:
     """Both policies and one AdamW per role; sizes the pool's images as the processor expects.
-    (bench.py builds its trainer through here too.)"""
+    (scripts/bench.py builds its trainer through here too.)"""
     policies = build_policies(cfg)
     pool.min_pixels, pool.max_pixels, pool.factor = image_sizing(policies["solver"].processor,
                                                                  cfg.max_pixels)

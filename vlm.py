@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForImageTextToText
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-import backbone
+import runtime
 import config
 from sampling import decode, eos_tensor
 
@@ -66,8 +66,8 @@ class Prompt:
 
 # ---------------------------------------------------------------- loading
 def load_backbone(name: str, dtype: str, device_map: str, attn_implementation: str):
-    """(model, processor), frozen; any failure is a one-line UserError (backbone.py)."""
-    return backbone.load_backbone(name, DTYPES[dtype], device_map, attn_implementation)
+    """(model, processor), frozen; any failure is a one-line UserError (runtime.py)."""
+    return runtime.load_backbone(name, DTYPES[dtype], device_map, attn_implementation)
 
 
 def _core(model):

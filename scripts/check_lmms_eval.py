@@ -17,9 +17,9 @@ QUESTION = "How many bars are in the chart?"
 
 def prepare(work: str) -> None:
     sys.path.insert(0, ROOT)
-    import infer
+    from tools import infer
     import train
-    from tiny import build_tiny_model, make_synthetic_images
+    from tools.tiny import build_tiny_model, make_synthetic_images
     base = build_tiny_model(os.path.join(work, "base"))
     images = make_synthetic_images(os.path.join(work, "images"), n=4)
     rc = train.main(["--data_dir", images, "--solver_model", base, "--proposer_model", base,

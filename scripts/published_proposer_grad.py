@@ -25,7 +25,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tiny import build_tiny_model  # noqa: E402
+from tools.tiny import build_tiny_model  # noqa: E402
 from vlm import chat_text  # noqa: E402
 
 PUBLISHED_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",

@@ -1,5 +1,5 @@
 """Shared fixtures: one tiny random Qwen2.5-VL per session, written in the hub layout of the real
-checkpoints (tiny.py, hub_layout.py) and loaded through from_pretrained like them, and a folder of
+checkpoints (tools/tiny.py, tools/hub_layout.py) and loaded through from_pretrained like them, and a folder of
 synthetic images.
 
     python -m pytest
@@ -16,7 +16,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from tiny import build_tiny_model, make_synthetic_images  # noqa: E402
+from tools.tiny import build_tiny_model, make_synthetic_images  # noqa: E402
 
 # Trainer subprocesses run on one thread too (see one_torch_thread).
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}

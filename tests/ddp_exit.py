@@ -11,12 +11,12 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import errors  # noqa: E402
+import distributed  # noqa: E402
 import train  # noqa: E402
 
 # This check is about every rank's own exit code and its process group, not about which rank
 # prints the error line: no grace delay, so torchrun does not stop rank 1 while it waits.
-errors.PEER_EXIT_DELAY_S = 0
+distributed.PEER_EXIT_DELAY_S = 0
 
 if __name__ == "__main__":
     code = train.main(sys.argv[1:])

@@ -16,7 +16,6 @@ import rewards as R
 import sampling
 import train
 import update
-import logprobs
 import vlm
 from config import Config
 from conftest import ROOT, train_args
@@ -64,20 +63,20 @@ def test_padded_row_scores_as_the_same_completion_alone(batch, chunk):
     images included) against each image's prompt alone."""
     _, policies, prompt, alone, roll = batch
     solver, ids, mask = policies["solver"], roll.ids, roll.mask
-    owner = logprobs.row_images(prompt, ids.shape[0])
+    owner = update.row_images(prompt, ids.shape[0])
     with torch.no_grad(), vlm.acting(solver) as model:
         model.eval()
-        got = torch.cat([logprobs.completion_logits(model, prompt, ids[lo:lo + chunk],
+        got = torch.cat([update.completion_logits(model, prompt, ids[lo:lo + chunk],
                                                mask[lo:lo + chunk], owner[lo:lo + chunk])
                          for lo in range(0, B * N, chunk)])
-        ref = torch.cat([logprobs.reference_logprobs(solver, prompt, ids[lo:lo + chunk],
+        ref = torch.cat([update.reference_logprobs(solver, prompt, ids[lo:lo + chunk],
                                                 mask[lo:lo + chunk], owner[lo:lo + chunk])
                          for lo in range(0, B * N, chunk)])
         for b in range(B):
-            own = logprobs.completion_logits(model, alone[b], ids[rows(b)], mask[rows(b)])
-            own_ref = logprobs.reference_logprobs(solver, alone[b], ids[rows(b)], mask[rows(b)])
-            tok, _ = logprobs.token_logprobs(got[rows(b)], ids[rows(b)])
-            expected, _ = logprobs.token_logprobs(own, ids[rows(b)])
+            own = update.completion_logits(model, alone[b], ids[rows(b)], mask[rows(b)])
+            own_ref = update.reference_logprobs(solver, alone[b], ids[rows(b)], mask[rows(b)])
+            tok, _ = update.token_logprobs(got[rows(b)], ids[rows(b)])
+            expected, _ = update.token_logprobs(own, ids[rows(b)])
             m = mask[rows(b)].bool()
             assert torch.allclose(tok[m], expected[m], atol=1e-5, rtol=0), b
             gather = lambda lp: lp.gather(-1, ids[rows(b), :, None])[..., 0][m]
@@ -272,7 +271,7 @@ def test_two_processes_take_eight_distinct_images_per_step(tiny_model, image_dir
 def test_other_families_pad_exactly(family, tmp_path):
     """Qwen2-VL (lean decode step) and Qwen3-VL (HF layers, deepstack features) with left-padded
     prompts: scoring and decoding each row as its prompt alone."""
-    from tiny import build_tiny_model
+    from tools.tiny import build_tiny_model
     model, processor = vlm.load_backbone(build_tiny_model(str(tmp_path / family), family=family),
                                          "float32", "cpu", "sdpa")
     policy = vlm.Policy("solver", model, processor)
@@ -281,9 +280,9 @@ def test_other_families_pad_exactly(family, tmp_path):
     prompt = vlm.make_prompts(policy, images, texts)
     torch.manual_seed(0)
     roll = vlm.generate(policy, prompt, 2, 6, 1.0, 1.0)
-    owner = logprobs.row_images(prompt, 6)
+    owner = update.row_images(prompt, 6)
     with torch.no_grad():
-        got = logprobs.completion_logits(model, prompt, roll.ids, roll.mask, owner)
+        got = update.completion_logits(model, prompt, roll.ids, roll.mask, owner)
         core, head = vlm._core(model), model.get_output_embeddings()
         first, step, start = sampling.prefill(core, head, prompt.inputs,
                                               vlm._select_mm(prompt, [0, 1, 2]), 2, 3)
@@ -291,7 +290,7 @@ def test_other_families_pad_exactly(family, tmp_path):
         for b in range(3):
             alone = vlm.make_prompt(policy, images[b], texts[b])
             rows_b = slice(2 * b, 2 * b + 2)
-            own = logprobs.completion_logits(model, alone, roll.ids[rows_b], roll.mask[rows_b])
+            own = update.completion_logits(model, alone, roll.ids[rows_b], roll.mask[rows_b])
             m = roll.mask[rows_b].bool()
             assert torch.allclose(got[rows_b][m], own[m], atol=1e-5, rtol=0), b
             first1, step1, start1 = sampling.prefill(core, head, alone.inputs,

@@ -14,7 +14,7 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from data_and_utils import BadImage, ImagePool, load_image  # noqa: E402
-from errors import UserError  # noqa: E402
+from distributed import UserError  # noqa: E402
 
 MAX_PIXELS = 1024 * 28 * 28
 MIN_PIXELS = 56 * 56

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-import statefile
+import checkpoint
 import update
 import vlm
 from conftest import ROOT, train_args
@@ -158,5 +158,5 @@ def test_per_sample_updates_stay_identical_across_ranks(tiny_model, image_dir, t
                 b = 0.9 * b + 0.1 * reward
             error = min(0.2, max(-0.2, (r0["solver_kl_per_sample"][i] - 0.02) / 0.02))
             beta = beta * math.exp(0.1 * error)
-    state = statefile.read_state(str(tmp_path / "ps" / "step_00002"))
+    state = checkpoint.read_state(str(tmp_path / "ps" / "step_00002"))
     assert {int(s["step"]) for s in state["optimizers"]["solver"]["state"].values()} == {6}

@@ -11,10 +11,10 @@ import torch
 from PIL import Image
 
 import train
-import logprobs
+import update
 import vlm
 from data_and_utils import solver_prompt
-from tiny import FAMILIES, build_tiny_model, make_synthetic_images
+from tools.tiny import FAMILIES, build_tiny_model, make_synthetic_images
 
 MODEL_TYPES = {"qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_5_vl", "qwen3_vl": "qwen3_vl"}
 
@@ -67,7 +67,7 @@ def test_precomputed_features_match_plain_forward(family_model):
                                "<answer>seven</answer>"], add_special_tokens=False,
                               padding=True, padding_side="right", return_tensors="pt")
     mask = ids["attention_mask"]
-    fast = logprobs.completion_logits(model, prompt, ids["input_ids"], mask)
+    fast = update.completion_logits(model, prompt, ids["input_ids"], mask)
     p, n = prompt.inputs, mask.shape[0]
     full = model(input_ids=torch.cat([p["input_ids"].expand(n, -1), ids["input_ids"]], 1),
                  attention_mask=torch.cat([p["attention_mask"].expand(n, -1), mask], 1),
@@ -82,5 +82,5 @@ def test_precomputed_features_match_plain_forward(family_model):
         feats = prompt.image_features
         feats.deepstack_features = [tuple(torch.zeros_like(t) for t in layer)
                                     for layer in feats.deepstack_features]
-        blind = logprobs.completion_logits(model, prompt, ids["input_ids"], mask)
+        blind = update.completion_logits(model, prompt, ids["input_ids"], mask)
         assert (blind - plain).abs().max().item() > 1e-3

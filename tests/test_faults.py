@@ -25,13 +25,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import checkpoint as ckpt  # noqa: E402
-import statefile  # noqa: E402
 import train  # noqa: E402
 import update  # noqa: E402
 from config import Config, parse_config  # noqa: E402
 from conftest import ENV, strict_json_lines, train_args  # noqa: E402
-from distributed import Dist  # noqa: E402
-from errors import UserError  # noqa: E402
+from distributed import Dist, UserError  # noqa: E402
 from runtime import rng_state  # noqa: E402
 from vlm import build_policies  # noqa: E402
 
@@ -79,7 +77,7 @@ def assert_loadable(path) -> dict:
     assert os.path.isfile(os.path.join(path, ckpt.DONE_FILE))
     for role in train.ROLES:
         assert load_file(os.path.join(path, role, "adapter_model.safetensors"))
-    return statefile.read_state(path)
+    return ckpt.read_state(path)
 
 
 def error_lines(text: str) -> list[str]:
@@ -238,7 +236,7 @@ def test_kill_mid_checkpoint_write_resumes_from_newest_complete(tiny_model, imag
     tmp = os.path.join(run_dir, "step_00004.tmp-12345")
     os.rename(os.path.join(run_dir, "step_00004"), tmp)
     os.remove(os.path.join(tmp, ckpt.DONE_FILE))
-    half_write(os.path.join(tmp, statefile.STATE_TENSORS))
+    half_write(os.path.join(tmp, ckpt.STATE_TENSORS))
     with open(os.path.join(run_dir, "iter_log.jsonl"), "a", encoding="utf-8") as f:
         f.write('{"step": 5, "rank": 0, "image_pa')
     assert checkpoint_steps(run_dir) == [2]
@@ -331,8 +329,8 @@ def test_failing_checkpoint_write_stops_cleanly_and_keeps_earlier(tiny_model, im
     monkeypatch.undo()
 
     # 3) Resume again; the trainer state's tensors hit the full disk at step 3's save.
-    monkeypatch.setattr(ckpt.statefile, "write_state",
-                        FailingCall(statefile.write_state, {2}, write_with_tiny_disk))
+    monkeypatch.setattr(ckpt, "write_state",
+                        FailingCall(ckpt.write_state, {2}, write_with_tiny_disk))
     check_failed_save(run_inprocess(argv), capsys.readouterr().err, run_dir, 3, [1, 2],
                       "Error while serializing: I/O error: File too large")
     monkeypatch.undo()
@@ -347,9 +345,9 @@ def test_failing_checkpoint_write_stops_cleanly_and_keeps_earlier(tiny_model, im
 def corrupt(run_dir: str, kind: str) -> None:
     newest = os.path.join(run_dir, "step_00004")
     if kind == "truncated_state":
-        half_write(os.path.join(newest, statefile.STATE_TENSORS))
+        half_write(os.path.join(newest, ckpt.STATE_TENSORS))
     elif kind == "garbage_state":
-        with open(os.path.join(newest, statefile.STATE_JSON), "wb") as f:
+        with open(os.path.join(newest, ckpt.STATE_JSON), "wb") as f:
             f.write(b"\x80\x04not JSON at all")
     elif kind == "missing_adapter":
         shutil.rmtree(os.path.join(newest, "proposer"))

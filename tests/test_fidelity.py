@@ -14,9 +14,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-import infer
+from tools import infer
 import rewards as R
-import statefile
+import checkpoint
 import train
 import update
 import vlm
@@ -70,7 +70,7 @@ def test_prompt_files_are_used_and_saved(published_run):
     assert all(t.startswith("SOLVER-FILE {not a placeholder}\nQuestion: ") for t in texts[1::2])
     records = read_log(run)
     assert texts[1] == solver_prompt(records[0]["question"], SOLVER_FILE[:-1])
-    state = statefile.read_state(str(run / "step_00002"))
+    state = checkpoint.read_state(str(run / "step_00002"))
     assert state["prompts"] == {"proposer": PROPOSER_FILE[:-1], "solver": SOLVER_FILE[:-1]}
 
 
@@ -111,7 +111,7 @@ def test_per_sample_takes_n_adam_steps_and_logs_the_published_sequences(publishe
             beta = min(max(beta * math.exp(0.1 * min(0.2, max(-0.2, error))), 1e-8), 100)
         assert r["kl_coef_solver_after"] == pytest.approx(beta, rel=1e-12)
         assert r["solver_kl"] == pytest.approx(sum(r["solver_kl_per_sample"]) / N)
-    state = statefile.read_state(str(published_run["run"] / "step_00002"))
+    state = checkpoint.read_state(str(published_run["run"] / "step_00002"))
     steps = {int(s["step"]) for s in state["optimizers"]["solver"]["state"].values()}
     assert steps == {2 * N}  # one AdamW step per sample: N per image
     assert state["optimizers"]["proposer"]["state"] == {}  # never stepped

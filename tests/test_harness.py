@@ -17,14 +17,14 @@ from PIL import Image
 from safetensors import safe_open
 
 import compat_logits
-import export
-import hub_layout
-import infer
+from tools import export
+from tools import hub_layout
+from tools import infer
 import train
 import vlm
 from conftest import ENV, ROOT, train_args
 from data_and_utils import UserError
-from tiny import build_tiny_model
+from tools.tiny import build_tiny_model
 
 COMPAT = os.path.join(ROOT, ".compat", "tf4")
 QUESTION = "How many bars are there? Step 1: count 12 of them."

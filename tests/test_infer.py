@@ -1,4 +1,4 @@
-"""infer.py: a trained checkpoint loads like lmms-eval loads it, merged export, eval and infer CLIs.
+"""tools/infer.py: a trained checkpoint loads like lmms-eval loads it, merged export, eval and infer CLIs.
 
     python -m pytest tests/test_infer.py
 """
@@ -14,13 +14,13 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-import infer
+from tools import infer
 import train
-import logprobs
+import update
 import vlm
 from config import Config
 from data_and_utils import solver_prompt
-from tiny import make_counting_eval_set
+from tools.tiny import make_counting_eval_set
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--samples", "2", "--max_new_tokens", "12"]
@@ -73,7 +73,7 @@ def plain_logits(model, processor, image, ids):
 def policy_logits(policy, image, ids, mask):
     prompt = vlm.make_prompt(policy, image, solver_prompt("How many?"))
     with vlm.acting(policy) as model:
-        return logprobs.completion_logits(model.eval(), prompt, ids, mask)
+        return update.completion_logits(model.eval(), prompt, ids, mask)
 
 
 def test_checkpoint_adapter_loads_like_lmms_eval(tiny_model, step_dir):

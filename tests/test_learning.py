@@ -2,7 +2,7 @@
 
     python -m pytest tests/test_learning.py
 
-One warm-started tiny model (demo.py) is shared by the seeds, and evaluated once before training
+One warm-started tiny model (tools/demo.py) is shared by the seeds, and evaluated once before training
 (the same model and evaluation seed for every training seed). Each seed then runs the real trainer
 (train.main with the demo's flags) and the real `run.py eval`. Accuracy is the share of correct
 answers over all N samples per held-out image: an estimate of single-sample accuracy with N times
@@ -15,8 +15,8 @@ import statistics
 
 import pytest
 
-import demo
-import plot
+from tools import demo
+from tools import plot
 import train
 from checkpoint import complete_checkpoints
 

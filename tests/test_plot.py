@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-import plot
+from tools import plot
 from checkpoint import truncate_log
 from conftest import ROOT
 

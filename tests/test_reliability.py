@@ -24,7 +24,7 @@ import data_and_utils as D  # noqa: E402
 import run  # noqa: E402
 import train  # noqa: E402
 from conftest import ENV, strict_json_lines, train_args  # noqa: E402
-from runlock import LOCK_FILE  # noqa: E402
+from distributed import LOCK_FILE  # noqa: E402
 
 
 def error_lines(text: str) -> list[str]:
@@ -243,7 +243,7 @@ def test_hub_id_that_does_not_exist_says_so(monkeypatch):
     import transformers.utils.hub as hub
     from huggingface_hub.errors import RepositoryNotFoundError
 
-    import backbone
+    import runtime
 
     def not_found(*args, **kwargs):
         request = httpx.Request("GET", "https://huggingface.co/Qwen/typo/resolve/main/config.json")
@@ -252,4 +252,4 @@ def test_hub_id_that_does_not_exist_says_so(monkeypatch):
     monkeypatch.setattr(hub, "hf_hub_download", not_found)
     with pytest.raises(train.UserError, match=r"cannot load model Qwen/typo: not a local folder "
                                               r"and not a model on the Hugging Face Hub"):
-        backbone.load_backbone("Qwen/typo", None, "cpu", "sdpa")
+        runtime.load_backbone("Qwen/typo", None, "cpu", "sdpa")

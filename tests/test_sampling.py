@@ -9,7 +9,7 @@ from PIL import Image
 from transformers.generation.logits_process import TopPLogitsWarper
 
 import sampling
-import tiny
+from tools import tiny
 import vlm
 from config import Config
 from data_and_utils import solver_prompt

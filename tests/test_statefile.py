@@ -1,5 +1,5 @@
 """Loading a checkpoint never runs code: the trainer state is JSON + safetensors, validated on
-load; an old pickled trainer_state.pt is refused unless converted with --trust-pickle.
+load; an old pickled trainer_state.pt is refused, naming the commit whose converter reads it.
 
     python -m pytest tests/test_statefile.py -q
 """
@@ -19,10 +19,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import run  # noqa: E402
-import statefile  # noqa: E402
+import checkpoint  # noqa: E402
 import train  # noqa: E402
 from conftest import train_args  # noqa: E402
-from statefile import STATE_JSON, STATE_TENSORS, OLD_STATE_FILE  # noqa: E402
+from checkpoint import CONVERTER_COMMIT, OLD_STATE_FILE, STATE_JSON, STATE_TENSORS  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -85,10 +85,6 @@ def test_hostile_pickle_is_refused_and_never_runs(how, saved_run, tiny_model, im
     lines = error_lines(capsys.readouterr().err)
     assert len(lines) == 1 and step2 in lines[0] and "--trust-pickle" in lines[0], lines
     assert not os.path.exists(marker)
-    # the converter refuses too, without the opt-in
-    assert run.main(["convert-checkpoint", step2]) == 2
-    assert "--trust-pickle" in error_lines(capsys.readouterr().err)[0]
-    assert not os.path.exists(marker)
     assert sorted(os.listdir(step2)) == sorted(["SAVE_OK", OLD_STATE_FILE, "proposer", "solver"])
 
 
@@ -144,7 +140,7 @@ def test_malformed_state_is_one_line_naming_folder_and_problem(kind, saved_run, 
 def write_old_format(step_dir: str) -> None:
     """The trainer_state.pt the previous trainer wrote: one pickle of tuples, numpy arrays,
     tensors and torch's optimizer state_dicts (int keys, tuple betas)."""
-    s = statefile.read_state(step_dir)
+    s = checkpoint.read_state(step_dir)
     rng = [{"python": (r["python"][0], tuple(r["python"][1]), r["python"][2]),
             "numpy": (r["numpy"]["name"], np.asarray(r["numpy"]["keys"], dtype=np.uint32),
                       r["numpy"]["pos"], r["numpy"]["has_gauss"], r["numpy"]["cached_gaussian"]),
@@ -159,25 +155,21 @@ def write_old_format(step_dir: str) -> None:
         os.remove(os.path.join(step_dir, name))
 
 
-def test_old_format_converts_and_resumes_exactly_only_with_opt_in(saved_run, tiny_model,
-                                                                   image_dir, tmp_path, capsys):
+def test_old_format_is_refused_naming_the_converter(saved_run, tiny_model, image_dir, tmp_path,
+                                                     capsys):
+    """A genuine old-format checkpoint (torch.save of the same state): one line naming the commit
+    whose `run.py convert-checkpoint` converts it; nothing in the folder changes."""
     out, run_dir = copy_of(saved_run, tmp_path)
     step1 = os.path.join(run_dir, "step_00001")
     shutil.rmtree(os.path.join(run_dir, "step_00002"))
     write_old_format(step1)
-    argv = argv_for(tiny_model, image_dir, out)
-    assert train.main(argv) == 2
-    line = error_lines(capsys.readouterr().err)[0]
-    assert step1 in line and f"convert-checkpoint {step1} --trust-pickle" in line
-    assert run.main(["convert-checkpoint", run_dir]) == 2  # the run folder: same refusal
-    assert "--trust-pickle" in error_lines(capsys.readouterr().err)[0]
-    assert not os.path.exists(os.path.join(step1, STATE_JSON))
-
-    assert run.main(["convert-checkpoint", step1, "--trust-pickle"]) == 0
-    assert f"converted {step1}" in capsys.readouterr().out
-    assert train.main(argv) == 0
-    assert "resuming from" in capsys.readouterr().out
-    assert read_log(run_dir) == read_log(saved_run)  # step 2 redone exactly as the first time
+    before = sorted(os.listdir(step1))
+    assert train.main(argv_for(tiny_model, image_dir, out)) == 2
+    lines = error_lines(capsys.readouterr().err)
+    assert len(lines) == 1 and step1 in lines[0], lines
+    assert f"commit {CONVERTER_COMMIT}" in lines[0]
+    assert f"convert-checkpoint {step1} --trust-pickle" in lines[0]
+    assert sorted(os.listdir(step1)) == before
 
 
 @pytest.mark.parametrize("command", ["infer", "export"])

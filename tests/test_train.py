@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import statefile
+import checkpoint
 import train
 from conftest import ENV, ROOT, train_args
 
@@ -61,7 +61,7 @@ def test_cli_run_writes_log_and_checkpoint_layout(cli_run):
     for role in ("solver", "proposer"):
         assert sorted(os.listdir(os.path.join(ckpt, role))) == ["adapter_config.json",
                                                                 "adapter_model.safetensors"]
-    state = statefile.read_state(ckpt)  # plain JSON + safetensors: nothing is unpickled
+    state = checkpoint.read_state(ckpt)  # plain JSON + safetensors: nothing is unpickled
     assert state["step"] == 3 and set(state["optimizers"]) == {"solver", "proposer"}
     assert {"python", "numpy", "torch", "cuda"} <= set(state["rng"][0])
     assert set(state["train_state"]["baseline"]) == {"solver", "proposer"}

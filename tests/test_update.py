@@ -7,7 +7,6 @@ import torch
 from PIL import Image
 
 import update
-import logprobs
 import vlm
 from config import Config
 from data_and_utils import solver_prompt
@@ -92,7 +91,7 @@ def test_lm_head_sees_only_completion_positions(setup):
     try:
         with torch.no_grad(), vlm.acting(solver) as model:
             model.eval()
-            logits = logprobs.completion_logits(model, prompt, ids, mask)
+            logits = update.completion_logits(model, prompt, ids, mask)
     finally:
         hook.remove()
     assert logits.shape == (n, length, head.out_features)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import logprobs
+import update
 import vlm
 from config import Config
 from data_and_utils import solver_prompt
@@ -103,7 +103,7 @@ def test_batched_logprobs_equal_full_sequence(policies, prompt):
     model = policies["solver"].model
     model.eval()
     with torch.no_grad(), vlm.acting(policies["solver"]):
-        batched, _ = logprobs.token_logprobs(logprobs.completion_logits(model, prompt, roll.ids, mask), roll.ids)
+        batched, _ = update.token_logprobs(update.completion_logits(model, prompt, roll.ids, mask), roll.ids)
         full = full_sequence_logprobs(model, prompt, roll.ids)
     m = mask.bool()
     assert torch.allclose(batched[m], full[m], atol=1e-5)
@@ -119,16 +119,16 @@ def test_kl_zero_at_init_then_positive_after_one_step(tiny_model, prompt):
     def kl():
         with torch.no_grad(), vlm.acting(solver) as model:
             model.eval()
-            _, logp = logprobs.token_logprobs(logprobs.completion_logits(model, prompt, roll.ids, roll.mask), roll.ids)
-            ref = logprobs.reference_logprobs(solver, prompt, roll.ids, roll.mask)
-            return logprobs.kl_per_token(logp, ref, roll.ids)[roll.mask.bool()].mean().item()
+            _, logp = update.token_logprobs(update.completion_logits(model, prompt, roll.ids, roll.mask), roll.ids)
+            ref = update.reference_logprobs(solver, prompt, roll.ids, roll.mask)
+            return update.kl_per_token(logp, ref, roll.ids)[roll.mask.bool()].mean().item()
 
     assert kl() == 0.0
     before = [p.detach().clone() for p in proposer.parameters()]
     opt = torch.optim.AdamW(solver.parameters(), lr=1e-2)
     with vlm.acting(solver) as model:
         model.train()
-        tok, _ = logprobs.token_logprobs(logprobs.completion_logits(model, prompt, roll.ids, roll.mask), roll.ids)
+        tok, _ = update.token_logprobs(update.completion_logits(model, prompt, roll.ids, roll.mask), roll.ids)
         (-(tok * roll.mask).sum()).backward()
     opt.step()
     assert kl() > 1e-6
@@ -138,10 +138,10 @@ def test_kl_zero_at_init_then_positive_after_one_step(tiny_model, prompt):
 def test_k3_estimator_is_zero_for_equal_policies_and_positive_otherwise():
     logp = F.log_softmax(torch.randn(2, 3, 11), -1)
     ids = torch.randint(0, 11, (2, 3))
-    assert torch.allclose(logprobs.kl_per_token(logp, logp, ids, "k3"), torch.zeros(2, 3))
+    assert torch.allclose(update.kl_per_token(logp, logp, ids, "k3"), torch.zeros(2, 3))
     other = F.log_softmax(torch.randn(2, 3, 11), -1)
-    assert (logprobs.kl_per_token(logp, other, ids, "k3") >= 0).all()
-    assert (logprobs.kl_per_token(logp, other, ids, "exact") >= -1e-6).all()
+    assert (update.kl_per_token(logp, other, ids, "k3") >= 0).all()
+    assert (update.kl_per_token(logp, other, ids, "exact") >= -1e-6).all()
 
 
 @pytest.mark.parametrize("kind", ["input_embeddings", "hidden_states"])

@@ -1,9 +1,9 @@
-"""The yardstick bench.py times ours against: one training step the way the published reference
+"""The yardstick scripts/bench.py times ours against: one training step the way the published reference
 ran it. N separate generate calls, the text re-tokenized for the loss, a full-sequence
 full-vocabulary log-softmax, the image re-encoded in every forward, N backward passes and
 optimizer steps. Same N, tokens, rewards and schedule as ours.
 
-    python bench.py --baseline_steps 3
+    python scripts/bench.py --baseline_steps 3
 """
 from __future__ import annotations
 

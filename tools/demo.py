@@ -7,7 +7,7 @@ Solver ends right only about half the time, with the right colour still its most
 Majority self-consistency on unlabeled images can then sharpen it toward its own majority, which
 is mostly the truth. Nothing after the warm start sees a label.
 
-    python demo.py runs          # build (or reuse) the warm-started model and the demo data
+    python -m tools.demo runs          # build (or reuse) the warm-started model and the demo data
     python run.py                # the whole demo: eval, train, eval, table, curves
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from data_and_utils import proposer_prompt, solver_prompt
-from tiny import build_tiny_model
+from tools.tiny import build_tiny_model
 
 QUESTION = "What color is the shape?"
 # One colour per RGB channel. With yellow (red + green) as a fourth, the warm-started model
@@ -307,7 +307,7 @@ def train_args(paths: dict, root: str, name: str, run: DemoRun) -> list[str]:
 def evaluate(paths: dict, adapter: str | None, out: str, run: DemoRun) -> dict:
     """The held-out set through `run.py eval` (infer.py); returns its metrics, plus the accuracy
     over all N samples per image (a lower-variance estimate of single-sample accuracy)."""
-    import infer
+    from tools import infer
     argv = ["eval", "--model", paths["model"], "--adapter", adapter or "none",
             "--data", paths["eval"], "--samples", str(run.samples),
             "--max_new_tokens", str(run.max_new_tokens), "--max_pixels", str(MAX_PIXELS),
@@ -318,7 +318,7 @@ def evaluate(paths: dict, adapter: str | None, out: str, run: DemoRun) -> dict:
 
 
 def summarize(results_path: str) -> dict:
-    import infer
+    from tools import infer
     from data_and_utils import normalize_answer
     keys = {"acc": "correct_first", "maj": "correct_majority", "agreement": "agreement",
             "step_agreement": "step_agreement"}

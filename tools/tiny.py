@@ -1,4 +1,4 @@
-"""Tiny random-weight Qwen-VL checkpoints and synthetic images, for tests, the demo and bench.py.
+"""Tiny random-weight Qwen-VL checkpoints and synthetic images, for tests, the demo and scripts/bench.py.
 
 Tests build a real checkpoint folder locally instead of downloading one: a small Qwen2-VL,
 Qwen2.5-VL or Qwen3-VL config, random weights, a byte-level BPE tokenizer with Qwen2's
@@ -11,8 +11,8 @@ safetensors with the hub key names (model.layers.*, visual.*, lm_head.*) and an 
 merges.txt, tokenizer.json, tokenizer_config.json, preprocessor_config.json, chat_template.json and
 generation_config.json. layout="transformers5" writes what transformers 5's save_pretrained writes.
 
-    python tiny.py runs/tiny-model             # writes a tiny Qwen2.5-VL (hub layout) to that folder
-    python tiny.py runs/tiny-q3 qwen3_vl       # or qwen2_vl: another generation
+    python -m tools.tiny runs/tiny-model             # writes a tiny Qwen2.5-VL (hub layout) to that folder
+    python -m tools.tiny runs/tiny-q3 qwen3_vl       # or qwen2_vl: another generation
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import sys
 import torch
 from PIL import Image, ImageDraw
 
-from atomic import atomic_dir
+from runtime import atomic_dir
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",
                   "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
@@ -191,7 +191,7 @@ def build_tiny_model(out_dir: str, hidden: int = 128, layers: int = 2, intermedi
     of the layout asked for, if one is). layout: "hub" (default for Qwen2/2.5-VL: as the real
     checkpoints are published) or "transformers5" (the only one for Qwen3-VL). fullatt_block_indexes (Qwen2.5-VL: vision blocks
     with full, not windowed, attention; default the last) and dtype (of the saved weights) let
-    bench.py build the real 3B shapes."""
+    scripts/bench.py build the real 3B shapes."""
     from transformers import Qwen2VLImageProcessor
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
@@ -224,7 +224,7 @@ def build_tiny_model(out_dir: str, hidden: int = 128, layers: int = 2, intermedi
     gen.bos_token_id = ids["<|endoftext|>"]
     with atomic_dir(out_dir, out_dir.rstrip("/") + ".tmp") as tmp:
         if layout == "hub":
-            import hub_layout
+            from tools import hub_layout
             hub_layout.write(tmp, model, tokenizer, CHAT_TEMPLATE, max_pixels, dtype)
         else:
             # Qwen3-VL normalises pixels to [-1, 1]; the older generations use the CLIP statistics.

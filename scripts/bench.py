@@ -1,10 +1,10 @@
 """Time real iReasoner training steps on a random-weight Qwen2.5-VL, against a reference-style step.
 
-    python bench.py                                      # tiny defaults, CPU, float32
-    python bench.py --steps 3 --json runs/bench.json
-    python bench.py --preset 3b --device cuda --dtype bfloat16   # Qwen2.5-VL-3B shapes, on a GPU
-    python bench.py --dtype bfloat16 --decode hf --baseline_steps 0  # HF-layer decode step
-    python bench.py --images_per_step 1,4,8 --baseline_steps 0  # batched steps, side by side
+    python scripts/bench.py                                      # tiny defaults, CPU, float32
+    python scripts/bench.py --steps 3 --json runs/bench.json
+    python scripts/bench.py --preset 3b --device cuda --dtype bfloat16   # Qwen2.5-VL-3B shapes, on a GPU
+    python scripts/bench.py --dtype bfloat16 --decode hf --baseline_steps 0  # HF-layer decode step
+    python scripts/bench.py --images_per_step 1,4,8 --baseline_steps 0  # batched steps, side by side
 
 Our step is train.train_step itself (rollout -> rewards -> updates); its phases are timed by the
 phase timer train_step takes. The yardstick re-creates the published reference's step
@@ -26,21 +26,24 @@ import json
 import os
 import resource
 import statistics
+import sys
 import time
 from collections import defaultdict
 from contextlib import contextmanager
 
 import torch
 
-import bench_reference
-import sampling
-import tiny
-import train
-from config import Config
-from data_and_utils import ImagePool
-from distributed import Dist
-from runtime import keep_freed_memory, seed_all
-from vlm import ROLES, _core
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import bench_reference  # noqa: E402
+import sampling  # noqa: E402
+import train  # noqa: E402
+from config import Config  # noqa: E402
+from data_and_utils import ImagePool  # noqa: E402
+from distributed import Dist  # noqa: E402
+from runtime import keep_freed_memory, seed_all  # noqa: E402
+from tools import tiny  # noqa: E402
+from vlm import ROLES, _core  # noqa: E402
 
 # The seed repository's target list; mm_projector matches no language-model Linear (a warning).
 SEED_LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,mm_projector"

@@ -8,7 +8,7 @@ names (model.layers.*, model.embed_tokens, model.norm, visual.*, lm_head), vocab
 next to tokenizer.json, preprocessor_config.json and chat_template.json. transformers 4.x (4.51.3,
 4.52.4 and 4.57.1 tested) and 5 all read that layout. tiny.py writes its test models this way; export.py keeps a base's files.
 
-    python tiny.py runs/tiny-model        # a tiny Qwen2.5-VL in this layout
+    python -m tools.tiny runs/tiny-model        # a tiny Qwen2.5-VL in this layout
 """
 from __future__ import annotations
 

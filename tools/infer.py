@@ -6,7 +6,7 @@
         --data set.jsonl [--samples 5] [--limit K] [--out results.jsonl]
     python run.py export --model M --adapter runs/<run>/step_N/solver --out merged/
 
-`python infer.py infer|eval|export ...` is the same. An --adapter is a checkpoint's solver/ folder:
+`python -m tools.infer infer|eval|export ...` is the same. An --adapter is a checkpoint's solver/ folder:
 a LoRA adapter (adapter_config.json) or, for a full-finetune run, a whole model (config.json).
 Answers, agreement and step agreement are scored by the training code (rewards.compute_rewards).
 """
@@ -31,8 +31,8 @@ import vlm
 from config import Config, EvalArgs, ExportArgs, InferArgs
 from data_and_utils import (BadImage, extract_answer, extract_question, extract_steps, load_image,
                             normalize_answer, proposer_prompt, solver_prompt)
-from errors import UserError, first_line
-from logs import json_line
+from distributed import UserError, first_line
+from runtime import json_line
 from runtime import seed_all
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -388,7 +388,7 @@ def format_table(labels: dict, totals: dict, n: int) -> str:
 # ---------------------------------------------------------------- export
 def cmd_export(args) -> int:
     """Merge the LoRA into the base and save a plain model any harness can load (export.py)."""
-    import export
+    from tools import export
     return export.export(args.model, args.adapter, args.out, args.dtype, args.device)
 
 

@@ -17,9 +17,9 @@ import os
 import pickle
 import shutil
 
-from atomic import atomic_dir
-from errors import UserError, first_line
-from hub_layout import INDEX, SIDE_FILES, weight_keys
+from runtime import atomic_dir
+from distributed import UserError, first_line
+from tools.hub_layout import INDEX, SIDE_FILES, weight_keys
 
 DTYPE_NAMES = ("bfloat16", "float16", "float32")
 
