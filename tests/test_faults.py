@@ -406,12 +406,17 @@ def test_adapter_of_another_shape_is_a_mismatch_not_damage(tiny_model, tmp_path)
 
 # ---------------------------------------------------------------- non-finite updates
 def nan_logits_on(calls: set):
-    """An update.completion_logits whose numbered calls (1-based) return NaN (still in the graph)."""
+    """An update.completion_logits whose numbered policy calls (1-based) return NaN (still in the
+    graph). The reference's calls (under no_grad) pass through and are not counted."""
     real = update.completion_logits
 
     def fail(_real, *args, **kwargs):
         return _real(*args, **kwargs) * float("nan")
-    return FailingCall(real, calls, fail)
+    policy_calls = FailingCall(real, calls, fail)
+
+    def call(*args, **kwargs):
+        return policy_calls(*args, **kwargs) if torch.is_grad_enabled() else real(*args, **kwargs)
+    return call
 
 
 @pytest.mark.slow
