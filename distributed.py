@@ -169,7 +169,7 @@ def acquire(run_dir: str, run_name: str) -> int:
     except OSError as e:
         os.close(fd)
         hint = (" (ENOLCK/ENOSYS: this filesystem does not support flock; put --output_dir on "
-                "one that does, see README 'Reliability')"
+                "one that does, see docs/reliability.md)"
                 if e.errno in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP) else "")
         raise UserError(f"cannot lock run {run_name} at {path}: {first_line(e)}{hint}") from e
     os.ftruncate(fd, 0)

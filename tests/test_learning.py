@@ -7,7 +7,7 @@ One warm-started tiny model (tools/demo.py) is shared by the seeds, and evaluate
 (train.main with the demo's flags) and the real `run.py eval`. Accuracy is the share of correct
 answers over all N samples per held-out image: an estimate of single-sample accuracy with N times
 the samples of eval's first-sample `acc`. With the advantage's sign flipped, the Solver is pushed
-away from its own majority and this test fails (checked once by hand; see README).
+away from its own majority and this test fails (checked once by hand; see docs/demo.md).
 """
 import dataclasses
 import os
@@ -24,7 +24,7 @@ SEEDS = (1, 2, 3)
 STEPS = demo.DemoRun.steps
 # Measured on a 2-core CPU (96 steps): the seeds gained +0.059, +0.103, +0.022 (mean 0.061, sd
 # 0.041, so twice the standard error of the mean is 0.047); with the advantage's sign flipped
-# they lost (see README). The mean gain must clear twice its own standard error over the seeds and
+# they lost (see docs/demo.md). The mean gain must clear twice its own standard error over the seeds and
 # a floor of 0.03: the evaluation's sampling noise alone (a proportion over 320 answers, sd
 # ~0.028, with the shared "before" term not averaging out) gives a mean gain of about +-0.03.
 MIN_MEAN_GAIN = 0.03

@@ -289,7 +289,7 @@ class DemoRun:
 
 
 def train_args(paths: dict, root: str, name: str, run: DemoRun) -> list[str]:
-    """`train.py` flags for the demo (see README: what they change and why)."""
+    """`train.py` flags for the demo (see docs/demo.md: what they change and why)."""
     flags = {"data_dir": paths["unlabeled"], "solver_model": paths["model"],
              "proposer_model": paths["model"], "dtype": "float32", "device_map": "cpu",
              "output_dir": root, "wandb_run_name": name, "total_steps": run.steps,
