@@ -7,6 +7,7 @@ defaults below are the only defaults. See all flags with:
 """
 from __future__ import annotations
 
+import logging
 import sys
 from dataclasses import dataclass, field, fields
 
@@ -25,8 +26,11 @@ KL_ESTIMATORS = ("exact", "k3")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 
 
-def _help(text: str, **kw):
-    return field(metadata={"help": text}, **kw)
+def _help(text: str, aliases: tuple[str, ...] = (), **kw):
+    """A field with its --help text; `aliases`: other flag names for it (the published
+    parser's names where ours differ)."""
+    metadata = {"help": text, **({"aliases": list(aliases)} if aliases else {})}
+    return field(metadata=metadata, **kw)
 
 
 @dataclass
@@ -48,12 +52,18 @@ class Config:
     device_map: str = _help("'auto' shards one model over the visible GPUs (one process); 'local' "
                             "puts a full copy on each rank's own device (data parallel); or "
                             "'cpu', 'cuda:0'.", default="auto")
+    device: str = _help("Published flag: where the published code moved a model that --device_map "
+                        "cpu had put on the CPU; here --device X with --device_map cpu means "
+                        "--device_map X. With any other --device_map it changes nothing (the "
+                        "model's own device is used), as published.", default="")
     attn_implementation: str = _help(f"Attention kernel: one of {ATTN_IMPLEMENTATIONS}.",
                                      default="sdpa")
     gradient_checkpointing: bool = _help("Recompute activations in the update pass to save memory.",
                                          default=False)
-    freeze_vision: bool = _help("Freeze the vision tower (visual.*). Use --no_freeze_vision to train "
-                                "it in full-finetune mode.", default=True)
+    freeze_vision: bool = _help("Freeze the vision tower (visual.*). --no_freeze_vision (or the "
+                                "published --no-freeze-vision) trains it in full-finetune roles; "
+                                "a LoRA role keeps it frozen either way, as published.",
+                                default=True)
 
     # ---- LoRA ----
     use_lora_solver: bool = _help("Train the Solver as a LoRA adapter (else full language model).",
@@ -68,15 +78,26 @@ class Config:
 
     # ---- sampling ----
     num_solver_samples: int = _help("N: Solver answers sampled per question.", default=5)
-    temp: float = _help("Sampling temperature.", default=1.0)
+    temp: float = _help("Sampling temperature (0 = greedy). The update scores each sampled token "
+                        "with log_softmax(logits / temp), and the KL compares policy and "
+                        "reference at the same temp.", default=1.0)
     top_p: float = _help("Nucleus sampling top-p, in (0, 1].", default=1.0)
     max_new_tokens_solver: int = _help("Max new tokens per Solver answer.", default=256)
     max_new_tokens_proposer: int = _help("Max new tokens for the Proposer's question.", default=128)
-    top_k: Optional[int] = _help("Top-k sampling (0 = off). Default: the model's "
-                                 "generation_config value, else HF's 50, as published.", default=None)
+    top_k: Optional[int] = _help("Top-k sampling (0 = off). Default: off, whatever the model's "
+                                 "generation_config.json says (see --merge_generation_config).",
+                                 default=None)
     repetition_penalty: Optional[float] = _help(
-        "HF repetition penalty over prompt + generated ids (1 = off). Default: the model's "
-        "generation_config value, else 1.0, as published.", default=None)
+        "HF repetition penalty over prompt + generated ids (1 = off). Default: off, whatever the "
+        "model's generation_config.json says (see --merge_generation_config).", default=None)
+    merge_generation_config: bool = _help(
+        "Published behaviour: top_k and repetition_penalty not given as flags come from the "
+        "model's generation_config.json (else HF's 50 and 1.0), as HF generate merged them for "
+        "the published code. Qwen2.5-VL-7B-Instruct's sets top_k 1: greedy, all N answers the "
+        "same, constant rewards.", default=False)
+    lean_decode: bool = _help("Sample with the lean decode step where the model allows it "
+                              "(--no_lean_decode: always the HF layers; same samples, slower).",
+                              default=True)
     proposer_prompt_file: str = _help("UTF-8 text file replacing the Proposer prompt.", default="")
     solver_prompt_file: str = _help("UTF-8 text file replacing the Solver prompt; must contain "
                                     "{question}.", default="")
@@ -124,18 +145,21 @@ class Config:
     step_group_density_gamma: float = _help("Density weight (|D|/N)^gamma.", default=0.7)
     step_position_decay: float = _help("Position weight exp(-decay*j).", default=0.15)
     step_sim_temperature: float = _help("If != 1, cosine s -> tanh(s/T).", default=1.0)
-    step_reward_weight_start: float = _help("Step-reward mixing weight at the start.", default=0.0)
-    step_reward_weight_end: float = _help("Step-reward mixing weight at the end.", default=0.7)
+    step_reward_weight_start: float = _help("Step-reward mixing weight at the start.", default=0.0,
+                                            aliases=("--step_reward_w_start",))
+    step_reward_weight_end: float = _help("Step-reward mixing weight at the end.", default=0.7,
+                                          aliases=("--step_reward_w_end",))
     step_reward_warmup: float = _help("Fraction of training before the mixing weight ramps.",
-                                      default=0.3)
+                                      default=0.3, aliases=("--step_reward_warmup_frac",))
     step_embedder: str = _help(f"Step embedding: one of {STEP_EMBEDDERS}.",
                                default="input_embeddings")
     step_embed_max_tokens: int = _help("Tokens per step used by the embedder.", default=64)
 
     # ---- proposer reward ----
     proposer_reward_mu: float = _help("Gaussian centre on the Solver answer entropy (nats).",
-                                      default=0.90)
-    proposer_reward_sigma: float = _help("Gaussian width on the answer entropy.", default=0.35)
+                                      default=0.90, aliases=("--prop_entropy_mu",))
+    proposer_reward_sigma: float = _help("Gaussian width on the answer entropy.", default=0.35,
+                                         aliases=("--prop_entropy_sigma",))
 
     # ---- checkpoints, logging ----
     output_dir: str = _help("Runs live in output_dir/<run_name>/.", default="runs")
@@ -148,6 +172,9 @@ class Config:
                                    default=5)
     wandb_mode: str = _help(f"W&B mode: one of {WANDB_MODES}.", default="disabled")
     wandb_project: str = _help("W&B project.", default="iReasoner")
+    wandb_entity: str = _help("W&B entity (user or team; default: your W&B default).", default="")
+    wandb_log_images_every: int = _help("Every this many steps, log a W&B table of each image "
+                                        "with its question and answers (0 = never).", default=0)
     wandb_run_name: str = _help("Run name; also the folder under output_dir. Keep it fixed to "
                                 "auto-resume (generated when empty).", default="")
 
@@ -167,13 +194,13 @@ class Config:
                      "max_new_tokens_proposer", "max_reasoning_steps", "step_embed_max_tokens",
                      "min_step_group_size", "images_per_step"):
             _check(getattr(self, name) >= 1, f"--{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("lr", "kl_target", "temp", "kl_coef", "step_sim_temperature",
+        for name in ("lr", "kl_target", "kl_coef", "step_sim_temperature",
                      "proposer_reward_sigma", "len_penalty_target_words"):
             _check(getattr(self, name) > 0, f"--{name} must be > 0, got {getattr(self, name)}")
         for name in ("weight_decay", "grad_clip", "kl_adapt_rate", "kl_error_clip", "solver_soft_gamma",
                      "len_penalty_weight", "step_group_density_gamma", "step_position_decay",
                      "update_micro_batch", "clear_cache_every", "max_pixels",
-                     "proposer_update_freq"):
+                     "proposer_update_freq", "temp", "wandb_log_images_every"):
             _check(getattr(self, name) >= 0, f"--{name} must be >= 0, got {getattr(self, name)}")
         _check(0 < self.top_p <= 1, f"--top_p must be in (0, 1], got {self.top_p}")
         _check_sampling(self.top_k, self.repetition_penalty)
@@ -192,9 +219,15 @@ class Config:
             _check(0 <= getattr(self, name) <= 1, f"--{name} must be in [0, 1]")
         lora_flags = " and ".join(f"--use_lora_{r}" for r in ("solver", "proposer")
                                   if getattr(self, f"use_lora_{r}"))
-        _check(self.freeze_vision or not lora_flags,
-               f"--no_freeze_vision conflicts with {lora_flags}: it trains the vision tower in "
-               f"full, but LoRA roles share the frozen base as their reference; drop one of them")
+        if not self.freeze_vision and lora_flags:
+            # Published: peft froze every base weight of a LoRA role, the tower's included, so
+            # the flag changed nothing there; the published train.sh users keep working.
+            logging.getLogger("ireasoner").warning(
+                "--no_freeze_vision does not train the vision tower of a LoRA role (%s): its "
+                "base weights stay frozen, as in the published code; it applies to "
+                "full-finetune roles only", lora_flags)
+        if self.device and self.device_map == "cpu":
+            self.device_map = self.device  # the published model.to(device) after loading
         _check(bool(self.lora_targets_list) or not lora_flags,
                f"--lora_targets is empty but {lora_flags} is set: name at least one module, "
                f"e.g. q_proj,v_proj")
@@ -273,11 +306,14 @@ class SampleArgs(ModelArgs):
     max_new_tokens: int = _help("Max new tokens per answer.", default=Config.max_new_tokens_solver)
     temp: float = _help("Sampling temperature.", default=Config.temp)
     top_p: float = _help("Nucleus top-p.", default=Config.top_p)
-    top_k: Optional[int] = _help("Top-k (0 = off; default: the model's generation_config, else 50).",
+    top_k: Optional[int] = _help("Top-k (0 = off; default off, as in training).",
                                  default=Config.top_k)
     repetition_penalty: Optional[float] = _help(
-        "Repetition penalty (default: the model's generation_config, else 1.0).",
+        "Repetition penalty (1 = off; default off, as in training).",
         default=Config.repetition_penalty)
+    merge_generation_config: bool = _help(
+        "top_k and repetition_penalty not given come from the model's generation_config.json, "
+        "as published (see train.py --help).", default=Config.merge_generation_config)
     seed: int = _help("Sampling seed.", default=0)
 
     def __post_init__(self):
@@ -285,8 +321,8 @@ class SampleArgs(ModelArgs):
             _check(getattr(self, name) >= 1, f"--{name} must be >= 1, got {getattr(self, name)}")
         _check(self.max_pixels >= 0, f"--max_pixels must be >= 0, got {self.max_pixels}")
         _check_sampling(self.top_k, self.repetition_penalty)
-        _check(self.temp > 0 and 0 < self.top_p <= 1,
-               f"need --temp > 0 and 0 < --top_p <= 1, got {self.temp}, {self.top_p}")
+        _check(self.temp >= 0 and 0 < self.top_p <= 1,
+               f"need --temp >= 0 (0 = greedy) and 0 < --top_p <= 1, got {self.temp}, {self.top_p}")
 
 
 @dataclass(kw_only=True)

@@ -351,10 +351,15 @@ def extract_question(text: str) -> str:
 
 
 def extract_answer(text: str) -> str:
-    """The <answer> content (even if empty); else the last non-empty line without tags."""
+    """The <answer> content (even if empty); else, after an unclosed <answer> (a completion cut
+    off at the token limit, or a missing closing tag), the text after the last one; else the last
+    non-empty line. Tags are removed from the last two."""
     answer = extract_tag(text, "answer")
     if answer is not None:
         return answer
+    opened = list(re.finditer(r"<answer>", text, re.IGNORECASE))
+    if opened:  # `...</think><answer>5` on one line: the 5, not the line it shares
+        return " ".join(_TAG_TOKEN.sub(" ", text[opened[-1].end():]).split())
     lines = [line.strip() for line in _TAG_TOKEN.sub(" ", text).splitlines()]
     lines = [line for line in lines if line]
     return lines[-1] if lines else ""

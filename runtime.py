@@ -205,15 +205,37 @@ def start_wandb(cfg, run_name: str, run_dir: str, st):
         return None
     import wandb
     st.wandb_id = st.wandb_id or uuid.uuid4().hex[:12]  # stored in checkpoints: resumes the run
-    return wandb.init(project=cfg.wandb_project, name=run_name, id=st.wandb_id, resume="allow",
-                      mode=cfg.wandb_mode, dir=run_dir, config=cfg.to_dict())
+    return wandb.init(project=cfg.wandb_project, entity=cfg.wandb_entity or None, name=run_name,
+                      id=st.wandb_id, resume="allow", mode=cfg.wandb_mode, dir=run_dir,
+                      config=cfg.to_dict())
 
 
-def log_wandb(run, records: list[dict]) -> None:
+def step_signals(records: list[dict]) -> dict:
+    """One step's sampling signals over all its images (every rank's records): the mean number
+    of distinct Solver completions, the share of images whose N rewards are all equal (TRL's
+    frac_reward_zero_std: a zero advantage under a group baseline), completion length mean and
+    max in tokens, the share of completions clipped at the token limit, and the mean entropy of
+    the tempered softmax at the sampled tokens (token-weighted)."""
+    lengths = [n for r in records for n in r["completion_lengths"]]
+    tokens = [sum(r["completion_lengths"]) for r in records]
+    entropy = [(r["token_entropy"] or 0.0) * t for r, t in zip(records, tokens)]
+    return {"distinct_completions": float(np.mean([r["distinct_completions"] for r in records])),
+            "frac_reward_zero_std": float(np.mean([float(np.isclose(np.std(r["reward_final"]), 0))
+                                                   for r in records])),
+            "completion_length_mean": float(np.mean(lengths)),
+            "completion_length_max": int(max(lengths)),
+            "clipped_ratio": sum(r["completions_clipped"] for r in records) / len(lengths),
+            "token_entropy": sum(entropy) / max(sum(tokens), 1)}
+
+
+def log_wandb(run, records: list[dict], images_every: int = 0) -> None:
+    """One W&B point per step; every `images_every` steps (0 = never) also a table of each
+    image with its question and answers (the published --wandb_log_images_every)."""
     if run is None:
         return
     import wandb
     r = records[0]
+    s = step_signals(records)
     mean = lambda key: float(np.mean([x for rec in records for x in rec[key]]))
     data = {"train/reward_final": mean("reward_final"), "train/reward_outcome": mean("reward_outcome"),
             "train/answer_entropy": float(np.mean([x["answer_entropy"] for x in records])),
@@ -223,13 +245,25 @@ def log_wandb(run, records: list[dict]) -> None:
             "solver/loss": r["solver_loss"], "solver/baseline": r["solver_baseline_before"],
             "proposer/reward": float(np.mean([x["proposer_reward"] for x in records])),
             **{f"reasoning_step_agreement/{k}": v for k, v in r["step_info"].items()}}
+    data.update({"train/frac_reward_zero_std": s["frac_reward_zero_std"],
+                 "train/distinct_completions": s["distinct_completions"],
+                 "completions/mean_length": s["completion_length_mean"],
+                 "completions/max_length": s["completion_length_max"],
+                 "completions/clipped_ratio": s["clipped_ratio"],
+                 "solver/entropy": s["token_entropy"]})
     if r["proposer_updated"]:
         data.update({"proposer/kl": r["proposer_kl"], "proposer/kl_coef": r["kl_coef_proposer_after"],
                      "proposer/loss": r["proposer_loss"]})
     table = wandb.Table(columns=["question", "answers", "dominant"],
                         data=[[x["question"], " | ".join(x["answers"]), x["dominant_answer"]]
                               for x in records])
-    run.log({**data, "samples": table}, step=r["step"])
+    data["samples"] = table
+    if images_every and r["step"] % images_every == 0:
+        data["images"] = wandb.Table(
+            columns=["image", "question", "answers"],
+            data=[[wandb.Image(x["image_path"], caption=f"step {x['step']}"), x["question"],
+                   " | ".join(x["answers"])] for x in records])
+    run.log(data, step=r["step"])
 
 
 def finite(record: dict) -> dict:

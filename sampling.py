@@ -16,33 +16,91 @@ for its n rows (SharedPrefix). Timings: scripts/bench.py.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
 LEAN_TEXT_MODELS = ("qwen2_vl_text", "qwen2_5_vl_text")
-LEAN_DECODE = True  # False: always the HF layers (scripts/bench.py --decode hf times what lean is worth)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How one role samples: what decode (and the vLLM engine) takes, and what the update reads
+    its scoring temperature from. temperature 0 is greedy (argmax); top_k 0 and
+    repetition_penalty 1 are off; top_p 1 is off. `lean`: use the lean decode step where
+    decode_path allows it (False: always the HF layers; scripts/bench.py --decode hf)."""
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    max_new_tokens: int = 256
+    lean: bool = True
+
+    def __post_init__(self):
+        if not (self.temperature >= 0 and 0 < self.top_p <= 1 and self.top_k >= 0
+                and self.repetition_penalty > 0 and self.max_new_tokens >= 1):
+            raise ValueError(f"invalid sampling settings: {self}")
+
+    @property
+    def greedy(self) -> bool:
+        """One answer only, whatever n: every row of a prompt gets the same tokens."""
+        return self.temperature == 0 or self.top_k == 1
+
+    @property
+    def score_temperature(self) -> float:
+        """The T of log_softmax(logits / T) that the sampler reports and the update scores:
+        the sampling temperature (1 for greedy sampling, whose tempered softmax is degenerate)."""
+        return self.temperature or 1.0
+
+    def describe(self) -> str:
+        return (f"temperature {self.temperature:g}, top_p {self.top_p:g}, top_k {self.top_k}"
+                f"{' (off)' if self.top_k == 0 else ''}, repetition_penalty "
+                f"{self.repetition_penalty:g}{' (off)' if self.repetition_penalty == 1 else ''}")
+
+
+class Decoded(NamedTuple):
+    """decode's result, one row per completion (n consecutive rows per prompt row)."""
+    ids: torch.Tensor        # [rows * n, L] sampled ids; `pad` after a row's eos
+    logprobs: torch.Tensor   # [rows * n, L] float32 log_softmax(logits / T)[sampled id], T =
+                             # Sampling.score_temperature, over the whole vocabulary (before
+                             # suppression, penalty, top-k and top-p): what the update scores
+    entropy: torch.Tensor    # [rows * n, L] float32 entropy of that tempered softmax
+
+
+def tempered_logprobs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log_softmax(logits / T) in float32: the sampler's and the update's scoring distribution
+    (TRL's GRPOTrainer and verl also divide by the sampling temperature)."""
+    logits = logits.float()
+    return F.log_softmax(logits / temperature if temperature != 1 else logits, dim=-1)
 
 
 @torch.no_grad()
-def decode(core, head, inputs: dict, mm_kwargs: dict, n: int, max_new_tokens: int,
-           temperature: float, top_p: float, suppress: list[int], eos, pad: int,
-           stop=None, top_k: int = 0, repetition_penalty: float = 1.0) -> torch.Tensor:
-    """Sampled ids [rows * n, <= max_new_tokens], n consecutive rows per prompt row. `core` is the
-    inner Qwen-VL model (vision + language), `head` the lm_head, `inputs` the processed prompts
-    (one row, or several left-padded ones with their attention mask), `mm_kwargs` their vision
-    inputs. Rows that ended keep emitting `pad`, as in HF; `stop` (a StoppingCriteria) is polled
-    every token and ends the loop early when it fires. top_k and repetition_penalty act as in HF
-    generate (see sampling_probs)."""
-    logits, step_logits, start = prefill(core, head, inputs, mm_kwargs, n, max_new_tokens)
+def decode(core, head, inputs: dict, mm_kwargs: dict, n: int, sampling: Sampling, *,
+           suppress=(), eos, pad: int, stop=None) -> Decoded:
+    """n sampled completions per prompt row, as Decoded (ids, their tempered log-probs and the
+    entropies), at most sampling.max_new_tokens long. `core` is the inner Qwen-VL model (vision +
+    language), `head` the lm_head, `inputs` the processed prompts (one row, or several
+    left-padded ones with their attention mask), `mm_kwargs` their vision inputs. Rows that ended
+    keep emitting `pad`, as in HF; `stop` (a StoppingCriteria) is polled every token and ends the
+    loop early when it fires. top_k and repetition_penalty act as in HF generate (see
+    sampling_probs)."""
+    max_new_tokens, temperature = sampling.max_new_tokens, sampling.score_temperature
+    logits, step_logits, start = prefill(core, head, inputs, mm_kwargs, n, max_new_tokens,
+                                         sampling.lean)
     device, rows = logits.device, logits.shape[0]
     eos = eos_tensor(eos, device)
-    banned = torch.tensor(suppress, dtype=torch.long, device=device)
+    banned = torch.tensor(list(suppress), dtype=torch.long, device=device)
     done = torch.zeros(rows, dtype=torch.bool, device=device)
-    seen = prompt_ids_seen(inputs, n, logits.shape[-1]) if repetition_penalty != 1.0 else None
-    tokens = []
+    seen = (prompt_ids_seen(inputs, n, logits.shape[-1])
+            if sampling.repetition_penalty != 1.0 else None)
+    tokens, logprobs, entropies = [], [], []
     for step in range(max_new_tokens):
-        tok = sample_token(logits, temperature, top_p, banned, top_k, repetition_penalty,
-                           seen).masked_fill(done, pad)
+        tok = sample_token(logits, sampling, banned, seen).masked_fill(done, pad)
+        logp = tempered_logprobs(logits, temperature)
+        logprobs.append(logp.gather(-1, tok[:, None]).squeeze(1))
+        entropies.append(-(logp.exp() * logp).sum(-1))
         if seen is not None:
             seen[torch.arange(rows, device=device), tok] = True
         tokens.append(tok)
@@ -52,10 +110,11 @@ def decode(core, head, inputs: dict, mm_kwargs: dict, n: int, max_new_tokens: in
         if stop is not None and bool(stop(torch.stack(tokens, 1), None).any()):
             break
         logits = step_logits(tok, start + step)
-    return torch.stack(tokens, 1)
+    return Decoded(torch.stack(tokens, 1), torch.stack(logprobs, 1), torch.stack(entropies, 1))
 
 
-def prefill(core, head, inputs: dict, mm_kwargs: dict, n: int, max_new_tokens: int):
+def prefill(core, head, inputs: dict, mm_kwargs: dict, n: int, max_new_tokens: int,
+            lean: bool = True):
     """Run the prompts once; return (first logits [rows * n, V], step(tokens, position) -> next
     logits, first position). One prompt takes the unpadded path (one int position). Several
     left-padded prompts give each row its own position, and the padding is masked for every later
@@ -69,9 +128,10 @@ def prefill(core, head, inputs: dict, mm_kwargs: dict, n: int, max_new_tokens: i
     # Generated text continues from the prompt's largest (3-D rope) position, like HF's deltas.
     if inputs["input_ids"].shape[0] == 1:
         out.cache.batch_repeat_interleave(n)
-        step = _stepper(core.language_model, head, out.cache, max_new_tokens)
+        step = _stepper(core.language_model, head, out.cache, max_new_tokens, lean)
         return head(out.last_hidden_state[:, -1]).expand(n, -1), step, int(pos.max()) + 1
-    step = _batched_stepper(core.language_model, head, out.cache, mask.bool(), n, max_new_tokens)
+    step = _batched_stepper(core.language_model, head, out.cache, mask.bool(), n, max_new_tokens,
+                            lean)
     start = (pos.amax(dim=(0, 2)) + 1).repeat_interleave(n)
     return head(out.last_hidden_state[:, -1]).repeat_interleave(n, 0), step, start
 
@@ -92,12 +152,14 @@ def eos_tensor(eos, device) -> torch.Tensor:
     return torch.tensor(eos if isinstance(eos, (list, tuple)) else [eos], device=device).reshape(-1)
 
 
-def decode_path(lm, head) -> tuple[str, str]:
+def decode_path(lm, head, lean: bool = True) -> tuple[str, str]:
     """("lean", what it runs) or ("hf layers", why not lean): the decode step `decode` takes for
     this language model and lm_head with the active adapter, in eval mode as vlm.generate runs
-    it. Logged by train.py at start-up and printed by scripts/bench.py, so a slow path is never silent."""
-    if not LEAN_DECODE:
-        return "hf layers", "switched off: sampling.LEAN_DECODE is False (scripts/bench.py --decode hf)"
+    it, with Sampling.lean as given. Logged by train.py at start-up and printed by
+    scripts/bench.py, so a slow path is never silent."""
+    if not lean:
+        return "hf layers", "switched off: Sampling.lean is False (--no_lean_decode; " \
+                            "scripts/bench.py --decode hf)"
     layers = LeanDecoder._layers(lm, head, fold=False)
     if isinstance(layers, str):
         return "hf layers", layers
@@ -114,9 +176,9 @@ def decode_path(lm, head) -> tuple[str, str]:
                     f"{lora}")
 
 
-def _stepper(lm, head, cache, max_new_tokens: int):
+def _stepper(lm, head, cache, max_new_tokens: int, lean: bool = True):
     """step(tokens [n], position) -> next logits [n, V], extending `cache` by one position."""
-    lean = LeanDecoder.build(lm, head) if LEAN_DECODE else None
+    lean = LeanDecoder.build(lm, head) if lean else None
     if lean is not None:
         kv = [KVBuffer(layer.keys, layer.values, max_new_tokens) for layer in cache.layers]
         return lambda tok, position: lean.step(tok, position, kv)
@@ -129,11 +191,12 @@ def _stepper(lm, head, cache, max_new_tokens: int):
     return hf_step
 
 
-def _batched_stepper(lm, head, cache, prompt_mask: torch.Tensor, n: int, max_new_tokens: int):
+def _batched_stepper(lm, head, cache, prompt_mask: torch.Tensor, n: int, max_new_tokens: int,
+                     lean: bool = True):
     """_stepper for n rows per left-padded prompt (`prompt_mask` [prompts, P], False on padding)
     and a position per row. The lean step keeps each prompt's keys and values once (SharedPrefix);
     the HF layers get them repeated per row and an attention mask."""
-    lean = LeanDecoder.build(lm, head) if LEAN_DECODE else None
+    lean = LeanDecoder.build(lm, head) if lean else None
     if lean is not None:
         kv = [SharedPrefix(layer.keys, layer.values, prompt_mask, n, max_new_tokens)
               for layer in cache.layers]
@@ -150,30 +213,42 @@ def _batched_stepper(lm, head, cache, prompt_mask: torch.Tensor, n: int, max_new
     return hf_step
 
 
-def sample_token(logits: torch.Tensor, temperature: float, top_p: float, suppress,
-                 top_k: int = 0, repetition_penalty: float = 1.0, seen=None) -> torch.Tensor:
+def sample_token(logits: torch.Tensor, sampling: Sampling, suppress=(), seen=None) -> torch.Tensor:
     """One id per row from sampling_probs(...) (inverse-CDF: one uniform per row, where
-    multinomial draws one per vocabulary entry)."""
-    probs = sampling_probs(logits, temperature, top_p, suppress, top_k, repetition_penalty, seen)
+    multinomial draws one per vocabulary entry); temperature 0: the argmax, drawing nothing."""
+    if sampling.temperature == 0:
+        return _processed_scores(logits, sampling.repetition_penalty, suppress, seen).argmax(-1)
+    probs = sampling_probs(logits, sampling, suppress, seen)
     cdf = probs.double().cumsum(-1)
     u = torch.rand(cdf.shape[0], 1, dtype=cdf.dtype, device=cdf.device) * cdf[:, -1:]
     return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=cdf.shape[1] - 1)
 
 
-def sampling_probs(logits: torch.Tensor, temperature: float, top_p: float, suppress,
-                   top_k: int = 0, repetition_penalty: float = 1.0, seen=None) -> torch.Tensor:
-    """The distribution HF generate(do_sample=True) draws from, in HF's processor order
-    (GenerationMixin._get_logits_processor): repetition penalty on the ids in `seen` (a [n, V]
-    bool mask of the row's prompt + generated ids; logit/p if > 0, logit*p if < 0), then
-    temperature, top-k (ties with the k-th kept), top-p (keep a token while the mass ranked above
-    it is < top_p). Suppressed ids (vision placeholders) never come out. The loss still scores
-    the policy's plain log-prob of the sampled token, as the published code and TRL do."""
-    banned = torch.as_tensor(suppress, dtype=torch.long, device=logits.device)  # ids or a tensor
+def _processed_scores(logits, repetition_penalty: float, suppress, seen):
+    """float32 logits with the suppressed ids at -inf and the repetition penalty applied on the
+    ids in `seen` (a [n, V] bool mask of the row's prompt + generated ids; logit/p if > 0,
+    logit*p if < 0), as HF's RepetitionPenaltyLogitsProcessor."""
+    banned = torch.as_tensor(list(suppress) if isinstance(suppress, (list, tuple)) else suppress,
+                             dtype=torch.long, device=logits.device)  # ids or a tensor
     scores = logits.float().index_fill(-1, banned, float("-inf"))
     if repetition_penalty != 1.0 and seen is not None:
         penalised = torch.where(scores < 0, scores * repetition_penalty, scores / repetition_penalty)
         scores = torch.where(seen, penalised, scores)
-    scores = scores / temperature
+    return scores
+
+
+def sampling_probs(logits: torch.Tensor, sampling: Sampling, suppress=(), seen=None) -> torch.Tensor:
+    """The distribution HF generate(do_sample=True) draws from, in HF's processor order
+    (GenerationMixin._get_logits_processor): repetition penalty (see _processed_scores), then
+    temperature, top-k (ties with the k-th kept), top-p (keep a token while the mass ranked above
+    it is < top_p); temperature 0: all mass on the argmax. Suppressed ids (vision placeholders)
+    never come out. The update scores the sampled token under log_softmax(logits / T)
+    (tempered_logprobs), without the penalty and the truncations, as TRL does."""
+    top_k, top_p = sampling.top_k, sampling.top_p
+    scores = _processed_scores(logits, sampling.repetition_penalty, suppress, seen)
+    if sampling.temperature == 0:
+        return F.one_hot(scores.argmax(-1), scores.shape[-1]).float()
+    scores = scores / sampling.temperature
     if 0 < top_k < scores.shape[-1]:
         kth = scores.topk(top_k, dim=-1).values[:, -1:]
         scores = scores.masked_fill(scores < kth, float("-inf"))

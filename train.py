@@ -28,13 +28,13 @@ from data_and_utils import (ImagePool, check_data_dir, extract_question, propose
                             solver_prompt)
 from distributed import Dist
 from distributed import TrainingError, UserError, report
-from runtime import append_log, log_wandb, start_wandb
+from runtime import append_log, log_wandb, start_wandb, step_signals
 from distributed import run_lock
 from runtime import keep_freed_memory, rng_state, seed_all, set_rng_state
 from sampling import decode_path
 from update import Episode, update_role
 from vlm import (ROLES, _core, build_policies, generate, image_sizing, log_sampling, make_prompts,
-                 step_embedder)
+                 role_sampling, step_embedder)
 
 log = logging.getLogger("ireasoner")
 
@@ -87,8 +87,7 @@ def rollout(cfg: Config, policies: dict, images: list, stop: Stop,
         p_prompt = make_prompts(proposer, images,
                                 [proposer_prompt(cfg.proposer_prompt_text)] * len(images))
     with timer("proposer_generate"):
-        p_roll = generate(proposer, p_prompt, 1, cfg.max_new_tokens_proposer, cfg.temp, cfg.top_p,
-                          stop, cfg.top_k, cfg.repetition_penalty)
+        p_roll = generate(proposer, p_prompt, 1, role_sampling(cfg, proposer), stop=stop)
     questions = [extract_question(text) for text in p_roll.texts]
     shared = p_prompt.image_features if proposer.model is solver.model else None
     with timer("prompts"):
@@ -96,8 +95,8 @@ def rollout(cfg: Config, policies: dict, images: list, stop: Stop,
                                 [solver_prompt(q, cfg.solver_prompt_text) for q in questions],
                                 image_features=shared)
     with timer("solver_generate"):
-        s_roll = generate(solver, s_prompt, cfg.num_solver_samples, cfg.max_new_tokens_solver,
-                          cfg.temp, cfg.top_p, stop, cfg.top_k, cfg.repetition_penalty)
+        s_roll = generate(solver, s_prompt, cfg.num_solver_samples, role_sampling(cfg, solver),
+                          stop=stop)
     return {"proposer": Episode(p_prompt, p_roll, []), "solver": Episode(s_prompt, s_roll, [])}
 
 
@@ -125,7 +124,9 @@ def train_step(cfg: Config, policies: dict, optimizers: dict, pool: ImagePool, s
     recs = [{"step": step, "rank": dist.rank, "image_index": b, "image_path": paths[b],
              "question": extract_question(p_ep.rollout.texts[b]),
              "proposer_output": p_ep.rollout.texts[b], "solver_outputs": texts[b * N:(b + 1) * N],
-             **{k: rw[k] for k in PER_IMAGE}} for b, rw in enumerate(rws)]
+             **{k: rw[k] for k in PER_IMAGE},
+             **sampling_signals(s_ep.rollout.rows(slice(b * N, (b + 1) * N)))}
+            for b, rw in enumerate(rws)]
     s_ep.rewards = [r for rw in rws for r in rw["reward_final"]]
     p_ep.rewards = [rw["proposer_reward"] for rw in rws]
     shared = update_role(cfg, "solver", policies, optimizers, s_ep, st, dist, timer)
@@ -149,6 +150,20 @@ def train_step(cfg: Config, policies: dict, optimizers: dict, pool: ImagePool, s
                    solver_param_checksum=checksum, nonfinite_skips=st.nonfinite_skips,
                    seconds=seconds, generated_tokens=int(tokens))
     return [rec for rank_recs in dist.gather(recs) for rec in rank_recs]
+
+
+def sampling_signals(roll) -> dict:
+    """Per image, what shows at once whether the Solver samples at all (TRL's GRPOTrainer logs
+    the same): distinct completions among its N, their token lengths (eos included), how many
+    hit the token limit without an eos, and the mean entropy of the tempered softmax at the
+    sampled tokens. runtime.step_signals sums them up per step."""
+    mask = roll.mask.bool()
+    tokens = int(mask.sum())
+    entropy = float(roll.entropy[mask].sum()) / max(tokens, 1) if roll.entropy is not None else None
+    return {"distinct_completions": len(set(roll.texts)),
+            "completion_lengths": roll.mask.sum(1).tolist(),
+            "completions_clipped": int((~roll.ended).sum()) if roll.ended is not None else 0,
+            "token_entropy": entropy}
 
 
 def sync_bad_images(pool: ImagePool, st: TrainState, dist: Dist) -> None:
@@ -285,7 +300,8 @@ def run_locked(cfg: Config, dist: Dist, run_name: str, run_dir: str) -> int:
     if dist.is_main:  # which decode step sampling runs, and why: a slow path must not be silent
         for role, p in policies.items():
             log.info("%s decode path: %s (%s)", role,
-                     *decode_path(_core(p.model).language_model, p.model.get_output_embeddings()))
+                     *decode_path(_core(p.model).language_model, p.model.get_output_embeddings(),
+                                  cfg.lean_decode))
         log_sampling(cfg, policies)
     st = TrainState(kl_coef={r: cfg.kl_coef for r in ROLES})
     seed_all(cfg.seed + dist.rank)  # different samples on every rank
@@ -315,11 +331,17 @@ def loop(cfg, run_name, run_dir, policies, optimizers, pool, st, dist) -> int:
             st.step, rng = step, rng_state()
             if dist.is_main:
                 append_log(log_path, records)
-                log_wandb(wandb_run, records)
-                r = records[0]
+                log_wandb(wandb_run, records, cfg.wandb_log_images_every)
+                r, s = records[0], step_signals(records)
                 bar.update(1)
                 bar.set_postfix(reward=f"{np.mean(r['reward_final']):.3f}",
                                 maj=f"{r['dominant_count']}/{cfg.num_solver_samples}",
+                                distinct=f"{s['distinct_completions']:.1f}",
+                                zero_std=f"{s['frac_reward_zero_std']:.2f}",
+                                len=f"{s['completion_length_mean']:.0f}/"
+                                    f"{s['completion_length_max']}",
+                                clipped=f"{s['clipped_ratio']:.2f}",
+                                entropy=f"{s['token_entropy']:.2f}",
                                 kl=f"{r['solver_kl']:.2e}", beta=f"{st.kl_coef['solver']:.2e}")
             if step % cfg.save_every == 0 or step == cfg.total_steps:
                 save(cfg, run_dir, policies, optimizers, st, rng, dist)

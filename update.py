@@ -4,7 +4,9 @@ published order), then the running baseline and the adaptive beta. train.py call
 
 Log-probs come from logits at completion positions only, from the sampled ids (never
 re-tokenized text), with the shared prompt run once and its key/value cache shared by the
-completions of each image.
+completions of each image. They are those of the distribution that was sampled: log_softmax of
+logits / T at the sampling temperature T (as TRL's GRPOTrainer and verl score), for the policy
+and for the reference of the KL alike (greedy sampling, T = 0, scores at T = 1).
 
     python -m pytest tests/test_update.py tests/test_fidelity.py tests/test_vlm.py -q
 """
@@ -16,11 +18,11 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 import rewards as R
 from config import Config
 from distributed import Dist, TrainingError
+from sampling import Sampling, tempered_logprobs
 from vlm import Policy, Prompt, Rollout, _core, _mm_kwargs, _select_mm, acting, reference
 
 log = logging.getLogger("ireasoner")
@@ -51,15 +53,17 @@ def accumulate_gradients(cfg: Config, policy: Policy, episode: Episode, advantag
         n, tokens = norm[0], torch.as_tensor(norm[1], dtype=tokens.dtype)
     owner = row_images(episode.prompt, ids.shape[0])
     chunk = cfg.update_micro_batch or ids.shape[0]
+    temperature = score_temperature(cfg)
     loss_sum, kl_sum = 0.0, 0.0
     with acting(policy) as model:
         for lo in range(0, ids.shape[0], chunk):
             part = slice(lo, lo + chunk)
             own = None if owner is None else owner[part]
-            ref_logp = reference_logprobs(policy, episode.prompt, ids[part], mask[part], own)
+            ref_logp = reference_logprobs(policy, episode.prompt, ids[part], mask[part], own,
+                                          temperature)
             model.train()
             logits = completion_logits(model, episode.prompt, ids[part], mask[part], own)
-            tok_logp, logp = token_logprobs(logits, ids[part])
+            tok_logp, logp = token_logprobs(logits, ids[part], temperature)
             m = mask[part].float()
             nll = -(tok_logp * m).sum(1) / m.sum(1).clamp(min=1)
             kl = (kl_per_token(logp, ref_logp, ids[part], cfg.kl_estimator) * m).sum()
@@ -131,8 +135,7 @@ def update_role(cfg: Config, role: str, policies: dict, optimizers: dict, episod
 def _per_sample(episode: Episode) -> list[tuple[int, Episode]]:
     """(index, one-completion episode) for each sample, in sample order."""
     roll = episode.rollout
-    return [(i, Episode(episode.prompt, Rollout(roll.texts[i:i + 1], roll.ids[i:i + 1],
-                                                roll.mask[i:i + 1]), [reward]))
+    return [(i, Episode(episode.prompt, roll.rows(slice(i, i + 1)), [reward]))
             for i, reward in enumerate(episode.rewards)]
 
 
@@ -234,9 +237,15 @@ def _drops_cache(model) -> bool:
             and any(getattr(layer, "gradient_checkpointing", False) for layer in layers))
 
 
-def token_logprobs(logits: torch.Tensor, ids: torch.Tensor):
-    """(log-prob of each sampled token [n, L], full log-softmax [n, L, V]), in float32."""
-    logp = F.log_softmax(logits.float(), dim=-1)
+def score_temperature(cfg: Config) -> float:
+    """The T the update scores at: the sampling temperature (Sampling.score_temperature)."""
+    return Sampling(temperature=cfg.temp).score_temperature
+
+
+def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0):
+    """(log-prob of each sampled token [n, L], full log-softmax [n, L, V]) of logits / T, in
+    float32: the sampler's tempered_logprobs."""
+    logp = tempered_logprobs(logits, temperature)
     return logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1), logp
 
 
@@ -252,10 +261,12 @@ def kl_per_token(logp: torch.Tensor, ref_logp: torch.Tensor, ids: torch.Tensor,
 
 
 @torch.no_grad()
-def reference_logprobs(policy: Policy, prompt: Prompt, ids, mask, owner=None) -> torch.Tensor:
+def reference_logprobs(policy: Policy, prompt: Prompt, ids, mask, owner=None,
+                       temperature: float = 1.0) -> torch.Tensor:
+    """The frozen reference's log_softmax(logits / T) [n, L, V] at the completion positions."""
     with reference(policy) as ref:
         was_training = ref.training
         ref.eval()
         logits = completion_logits(ref, prompt, ids, mask, owner)
         ref.train(was_training)
-    return F.log_softmax(logits.float(), dim=-1)
+    return tempered_logprobs(logits, temperature)

@@ -18,7 +18,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 import runtime
 import config
-from sampling import decode, eos_tensor
+from sampling import Sampling, decode, eos_tensor
 
 log = logging.getLogger("ireasoner")
 ROLES = ("solver", "proposer")
@@ -238,17 +238,23 @@ class Rollout:
     texts: list[str]          # decoded completions
     ids: torch.Tensor         # [n, L] sampled token ids (padded with pad_token_id)
     mask: torch.Tensor        # [n, L] 1 for real completion tokens (up to and incl. eos)
+    logprobs: torch.Tensor | None = None  # [n, L] the sampler's tempered log-prob of each id
+    entropy: torch.Tensor | None = None   # [n, L] entropy of the tempered softmax at each id
+    ended: torch.Tensor | None = None     # [n] bool: the row has an eos (else it was clipped)
+
+    def rows(self, part: slice) -> "Rollout":
+        pick = lambda t: None if t is None else t[part]
+        return Rollout(self.texts[part], self.ids[part], self.mask[part], pick(self.logprobs),
+                       pick(self.entropy), pick(self.ended))
 
 
 @torch.no_grad()
-def generate(policy: Policy, prompt: Prompt, n: int, max_new_tokens: int, temperature: float,
-             top_p: float, stop=None, top_k: int | None = None,
-             repetition_penalty: float | None = None) -> Rollout:
+def generate(policy: Policy, prompt: Prompt, n: int, sampling: Sampling, *,
+             stop=None) -> Rollout:
     """Sample n completions of each prompt row in one batched call (rows of one image are
-    consecutive); return text and the sampled ids. `stop` is an optional StoppingCriteria (the
-    trainer's signal flag), polled every token. top_k / repetition_penalty None: the model's
-    generation_config values (sampling_settings)."""
-    top_k, repetition_penalty, _ = sampling_settings(policy, top_k, repetition_penalty)
+    consecutive); return text, the sampled ids and the sampler's tempered log-probs. `sampling`
+    is used as given (resolve_sampling makes it from the flags); `stop` is an optional
+    StoppingCriteria (the trainer's signal flag), polled every token."""
     with acting(policy) as model:
         model.eval()
         eos = model.generation_config.eos_token_id
@@ -256,48 +262,96 @@ def generate(policy: Policy, prompt: Prompt, n: int, max_new_tokens: int, temper
         # overhead is a fraction of HF generate's. HF's processors, in HF's order.
         mm = _mm_kwargs(prompt, 1) if prompt.images == 1 else \
             _select_mm(prompt, list(range(prompt.images)))
-        ids = decode(_core(model), model.get_output_embeddings(), prompt.inputs, mm, n,
-                     max_new_tokens, temperature, top_p, suppressed_ids(policy.processor), eos,
-                     _pad_id(policy), stop, top_k, repetition_penalty)
-    mask = completion_mask(ids, eos)
-    texts = policy.processor.tokenizer.batch_decode(ids * mask + _pad_id(policy) * (1 - mask),
+        out = decode(_core(model), model.get_output_embeddings(), prompt.inputs, mm, n, sampling,
+                     suppress=suppressed_ids(policy.processor), eos=eos, pad=_pad_id(policy),
+                     stop=stop)
+    mask = completion_mask(out.ids, eos)
+    texts = policy.processor.tokenizer.batch_decode(out.ids * mask + _pad_id(policy) * (1 - mask),
                                                    skip_special_tokens=True)
-    return Rollout(texts, ids, mask)
+    ended = torch.isin(out.ids, eos_tensor(eos, out.ids.device)).any(1)
+    return Rollout(texts, out.ids, mask, out.logprobs, out.entropy, ended)
 
 
 # What HF generate uses when neither the call nor the model's generation_config sets a value.
 HF_DEFAULT_TOP_K, HF_DEFAULT_REPETITION_PENALTY = 50, 1.0
+# generation_config.json fields that change what is sampled (logged at start, for information).
+MODEL_SAMPLING_FIELDS = ("do_sample", "temperature", "top_p", "top_k", "repetition_penalty")
 
 
-def sampling_settings(policy: Policy, top_k: int | None = None,
-                      repetition_penalty: float | None = None) -> tuple[int, float, str]:
-    """(top_k, repetition_penalty, where they came from): a value given wins; else the model's
-    generation_config (generation_config.json, as HF generate merges it); else HF's default.
-    The published code passed only temperature and top_p, so it sampled with these."""
+def model_sampling_values(policy: Policy) -> dict:
+    """What the model's generation_config.json sets among MODEL_SAMPLING_FIELDS (as loaded:
+    transformers fills in none of them for a folder whose file omits them)."""
     gen = policy.model.generation_config
+    return {name: getattr(gen, name) for name in MODEL_SAMPLING_FIELDS
+            if getattr(gen, name, None) is not None}
+
+
+def resolve_sampling(policy: Policy, args, max_new_tokens: int) -> tuple[Sampling, str]:
+    """(the Sampling a role uses, where top_k and repetition_penalty came from). `args` is a
+    Config or an infer/eval SampleArgs: temp, top_p, top_k, repetition_penalty,
+    merge_generation_config (and lean_decode). Temperature and top-p are always the flags'.
+    top_k / repetition_penalty: the flag when given; else off (0 / 1), the plain tempered
+    softmax, whatever the model's generation_config.json says; with --merge_generation_config,
+    the model's generation_config value, else HF's default (50 / 1.0): what the published code
+    got from HF generate, which it passed only temperature and top_p."""
+    model = model_sampling_values(policy)
+    merge = getattr(args, "merge_generation_config", False)
     chosen, sources = [], []
-    for name, given, default in (("top_k", top_k, HF_DEFAULT_TOP_K),
-                                 ("repetition_penalty", repetition_penalty,
-                                  HF_DEFAULT_REPETITION_PENALTY)):
-        from_model = getattr(gen, name, None)
+    for name, off, hf_default in (("top_k", 0, HF_DEFAULT_TOP_K),
+                                  ("repetition_penalty", 1.0, HF_DEFAULT_REPETITION_PENALTY)):
+        given = getattr(args, name)
         if given is not None:
-            chosen.append(given), sources.append(f"{name} {given} (flag)")
-        elif from_model is not None:
-            chosen.append(from_model), sources.append(f"{name} {from_model} (generation_config)")
+            chosen.append(given), sources.append(f"{name} {given:g} (flag)")
+        elif not merge:
+            chosen.append(off), sources.append(f"{name} {off:g} (off)")
+        elif name in model:
+            chosen.append(model[name]), sources.append(
+                f"{name} {model[name]:g} (the model's generation_config, merged)")
         else:
-            chosen.append(default), sources.append(f"{name} {default} (HF default)")
-    return int(chosen[0]), float(chosen[1]), ", ".join(sources)
+            chosen.append(hf_default), sources.append(f"{name} {hf_default:g} (HF default, merged)")
+    sampling = Sampling(temperature=args.temp, top_p=args.top_p, top_k=int(chosen[0]),
+                        repetition_penalty=float(chosen[1]), max_new_tokens=max_new_tokens,
+                        lean=getattr(args, "lean_decode", True))
+    return sampling, ", ".join(sources)
+
+
+def role_sampling(cfg, policy: Policy) -> Sampling:
+    """The Sampling a training role uses: resolve_sampling with the role's token limit."""
+    limit = cfg.max_new_tokens_solver if policy.role == "solver" else cfg.max_new_tokens_proposer
+    return resolve_sampling(policy, cfg, limit)[0]
+
+
+def greedy_warning(role: str, sampling: Sampling, n: int) -> str | None:
+    """The warning for greedy sampling of n > 1 answers, or None."""
+    if not sampling.greedy or n <= 1:
+        return None
+    why = "temperature 0" if sampling.temperature == 0 else "top_k 1"
+    return (f"{role} samples greedily ({why}) with N={n}: all {n} answers to a question are the "
+            f"same, so the rewards are constant (outcome and step reward 1, answer entropy 0, "
+            f"zero advantage) and nothing is learnt; eval's maj@N equals acc. Use a temperature "
+            f"> 0 and --top_k 0 (off) or a larger value")
 
 
 def log_sampling(cfg, policies: dict) -> None:
-    """The effective sampling settings, logged once at start: top_k and repetition_penalty may
-    come from the model's generation_config, which the user never typed."""
+    """The sampling settings in use, logged once at start, with the model's own
+    generation_config values for information (used only with --merge_generation_config), and a
+    warning for greedy sampling of N > 1 answers."""
     for role, policy in policies.items():
-        top_k, _, source = sampling_settings(policy, cfg.top_k, cfg.repetition_penalty)
-        log.info("%s sampling: temperature %g, top_p %g, %s", role, cfg.temp, cfg.top_p, source)
-        if top_k == 1:
-            log.warning("%s: top_k 1 samples greedily, so all answers are the same; pass "
-                        "--top_k 0 (off) or a larger value", role)
+        sampling, source = resolve_sampling(policy, cfg, 1)
+        log.info("%s sampling: temperature %g, top_p %g, %s", role, sampling.temperature,
+                 sampling.top_p, source)
+        model = model_sampling_values(policy)
+        if model:
+            log.info("%s: the model's generation_config.json sets %s (%s)", role,
+                     ", ".join(f"{k} {v}" for k, v in model.items()),
+                     "top_k and repetition_penalty merged: --merge_generation_config"
+                     if cfg.merge_generation_config else
+                     "for information, not used; --merge_generation_config takes its top_k and "
+                     "repetition_penalty, as the published code did")
+        n = cfg.num_solver_samples if role == "solver" else 1
+        warning = greedy_warning(role, sampling, n)
+        if warning:
+            log.warning(warning)
     log.info("update: %s; proposer %s", cfg.update_mode,
              f"every {cfg.proposer_update_freq} steps" if cfg.proposer_update_freq else "never")
 

@@ -129,7 +129,8 @@ def make_config(args, model_dir: str, images: str) -> Config:
                   max_new_tokens_proposer=args.max_new_tokens_proposer,
                   total_steps=max(args.steps, args.baseline_steps), proposer_update_freq=5,
                   kl_estimator="exact", update_micro_batch=args.update_micro_batch,
-                  max_pixels=args.max_pixels, output_dir=args.runs, wandb_mode="disabled")
+                  max_pixels=args.max_pixels, output_dir=args.runs, wandb_mode="disabled",
+                  lean_decode=args.decode == "auto")
 
 
 # ---------------------------------------------------------------- timing
@@ -304,9 +305,9 @@ def run_baselines(cfg, args, policies, optimizers, pool, st, ours: dict, memory:
 
 def decode_path(args, model) -> tuple[str, str]:
     """sampling.decode_path for the solver (the proposer shares its model and LoRA config),
-    after --decode switches the lean step on or off for this process."""
-    sampling.LEAN_DECODE = args.decode == "auto"
-    return sampling.decode_path(_core(model).language_model, model.get_output_embeddings())
+    with the lean step on or off as --decode asks (make_config passes it as --lean_decode)."""
+    return sampling.decode_path(_core(model).language_model, model.get_output_embeddings(),
+                                args.decode == "auto")
 
 
 def print_batched(runs: list[dict], memory: str) -> None:

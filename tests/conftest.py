@@ -68,6 +68,17 @@ def tiny_model_b(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def real_config_model(tmp_path_factory) -> str:
+    """tiny_model's architecture (seed 0) in the hub layout, with the sampling values of the
+    hub's Qwen2.5-VL-7B-Instruct generation_config.json: top_k 1, top_p 0.001, temperature 0.1,
+    repetition_penalty 1.05, do_sample true (bos, pad and eos as the real file names them, with
+    this vocabulary's ids)."""
+    from tools.tiny import QWEN2_5_VL_7B_GENERATION
+    return build_tiny_model(str(tmp_path_factory.mktemp("models") / "tiny-real-config"),
+                            layout="hub", generation=QWEN2_5_VL_7B_GENERATION)
+
+
+@pytest.fixture(scope="session")
 def image_dir(tmp_path_factory) -> str:
     return make_synthetic_images(str(tmp_path_factory.mktemp("images")), n=8)
 

@@ -14,6 +14,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train  # noqa: E402
 import update  # noqa: E402
 import vlm  # noqa: E402
+from sampling import Sampling
 from config import Config  # noqa: E402
 from data_and_utils import ImagePool, solver_prompt  # noqa: E402
 from distributed import Dist  # noqa: E402
@@ -58,7 +59,7 @@ def update_and_save(model: str, data: str, out: str, dist: Dist):
     solver = policies["solver"]
     train.seed_all(cfg.seed + dist.rank)
     prompt = prompt_for(solver, pool, dist.rank)
-    roll = vlm.generate(solver, prompt, 3, 12, 1.0, 1.0)
+    roll = vlm.generate(solver, prompt, 3, Sampling(max_new_tokens=12))
     opt = torch.optim.AdamW(solver.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     update.update_policy(cfg, solver, opt, update.Episode(prompt, roll, []),
                         advantages(dist.rank), BETA, dist)

@@ -17,6 +17,7 @@ import sampling
 import train
 import update
 import vlm
+from sampling import Sampling
 from config import Config
 from conftest import ROOT, train_args
 from data_and_utils import solver_prompt
@@ -39,7 +40,7 @@ def batch(tiny_model):
     prompt = vlm.make_prompts(solver, images, texts)
     alone = [vlm.make_prompt(solver, i, t) for i, t in zip(images, texts)]
     torch.manual_seed(3)
-    roll = vlm.generate(solver, prompt, N, 10, 1.0, 1.0)
+    roll = vlm.generate(solver, prompt, N, Sampling(max_new_tokens=10))
     roll.mask[1, 6:] = 0  # a shorter completion: its padding must not change the others
     return cfg, policies, prompt, alone, roll
 
@@ -279,7 +280,7 @@ def test_other_families_pad_exactly(family, tmp_path):
     texts = [solver_prompt(q) for q in QUESTIONS[:3]]
     prompt = vlm.make_prompts(policy, images, texts)
     torch.manual_seed(0)
-    roll = vlm.generate(policy, prompt, 2, 6, 1.0, 1.0)
+    roll = vlm.generate(policy, prompt, 2, Sampling(max_new_tokens=6))
     owner = update.row_images(prompt, 6)
     with torch.no_grad():
         got = update.completion_logits(model, prompt, roll.ids, roll.mask, owner)

@@ -20,6 +20,7 @@ import checkpoint
 import train
 import update
 import vlm
+from sampling import Sampling
 from config import Config
 from conftest import ENV, ROOT, train_args
 from data_and_utils import ImagePool, solver_prompt
@@ -126,7 +127,7 @@ def test_per_sample_step_matches_one_update_per_completion(tiny_model):
     prompt = vlm.make_prompt(solver, Image.new("RGB", (112, 84), (200, 30, 30)),
                              solver_prompt("How many circles?"))
     torch.manual_seed(1)
-    episode = update.Episode(prompt, vlm.generate(solver, prompt, 3, 8, 1.0, 1.0), [0.9, 0.2, 0.5])
+    episode = update.Episode(prompt, vlm.generate(solver, prompt, 3, Sampling(max_new_tokens=8)), [0.9, 0.2, 0.5])
     start = {n: p.detach().clone() for n, p in solver.model.named_parameters() if "lora_" in n}
     sgd = lambda: torch.optim.SGD(solver.parameters(), lr=0.5)  # noqa: E731
     st = train.TrainState(baseline={"solver": 0.3, "proposer": 0.0},
@@ -223,18 +224,31 @@ def test_max_pixels_0_is_the_processors_own_limit(tiny_model, image_dir, tmp_pat
     assert w * h <= 224 * 224 and w % 28 == h % 28 == 0
 
 
-def test_effective_sampling_values_are_logged_at_start(tiny_model, caplog):
-    model = vlm.load_backbone(tiny_model, "float32", "cpu", "sdpa")[0]
+def test_effective_sampling_values_are_logged_at_start(real_config_model, caplog):
+    """The values in use, the model's own generation_config values for information, and a
+    warning that says the rewards will be constant when N > 1 answers are sampled greedily."""
+    model = vlm.load_backbone(real_config_model, "float32", "cpu", "sdpa")[0]
     policies = {"solver": vlm.Policy("solver", model, None)}
     with caplog.at_level("INFO", logger="ireasoner"):
         vlm.log_sampling(Config(), policies)
-        vlm.log_sampling(Config(top_k=1, repetition_penalty=1.05, update_mode="per_sample",
-                                proposer_update_freq=0), policies)
     lines = [r.getMessage() for r in caplog.records]
-    assert ("solver sampling: temperature 1, top_p 1, top_k 50 (HF default), "
-            "repetition_penalty 1.0 (HF default)") in lines
+    assert ("solver sampling: temperature 1, top_p 1, top_k 0 (off), repetition_penalty 1 "
+            "(off)") in lines
+    assert any(line.startswith("solver: the model's generation_config.json sets do_sample True, "
+                               "temperature 0.1, top_p 0.001, top_k 1, repetition_penalty 1.05 "
+                               "(for information, not used") for line in lines)
     assert "update: batched; proposer every 5 steps" in lines
-    assert ("solver sampling: temperature 1, top_p 1, top_k 1 (flag), "
-            "repetition_penalty 1.05 (flag)") in lines
-    assert any("top_k 1 samples greedily" in line for line in lines)
-    assert "update: per_sample; proposer never" in lines
+    assert not any(r.levelname == "WARNING" for r in caplog.records)
+    for flags in ({"merge_generation_config": True}, {"top_k": 1}, {"temp": 0.0}):
+        caplog.clear()
+        with caplog.at_level("INFO", logger="ireasoner"):
+            vlm.log_sampling(Config(update_mode="per_sample", proposer_update_freq=0, **flags),
+                             policies)
+        warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert len(warnings) == 1 and "samples greedily" in warnings[0], flags
+        assert "the rewards are constant" in warnings[0]
+        assert "update: per_sample; proposer never" in [r.getMessage() for r in caplog.records]
+    caplog.clear()
+    with caplog.at_level("INFO", logger="ireasoner"):  # one answer: greedy is not a collapse
+        vlm.log_sampling(Config(top_k=1, num_solver_samples=1), policies)
+    assert not any(r.levelname == "WARNING" for r in caplog.records)

@@ -12,6 +12,7 @@ import sampling
 from tools import tiny
 import vlm
 from config import Config
+from sampling import Sampling
 from data_and_utils import solver_prompt
 
 
@@ -125,7 +126,8 @@ def test_greedy_decode_matches_hf_generate(solver):
         model.eval()
         eos = model.generation_config.eos_token_id
         ours = sampling.decode(vlm._core(model), model.get_output_embeddings(), prompt.inputs,
-                               vlm._mm_kwargs(prompt, 1), 2, 24, 1e-6, 1.0, suppress, eos, 0)
+                               vlm._mm_kwargs(prompt, 1), 2, Sampling(0, max_new_tokens=24),
+                               suppress=suppress, eos=eos, pad=0).ids
         hf = model.generate(**{k: prompt.inputs[k] for k in ("input_ids", "attention_mask",
                                                               "mm_token_type_ids")},
                             **vlm._mm_kwargs(prompt, 1), do_sample=False, max_new_tokens=24,
@@ -141,7 +143,7 @@ def test_sample_token_follows_softmax_within_top_p(top_p, temperature):
     scores = (logits / temperature).index_fill(-1, torch.tensor([3]), float("-inf"))
     expected = TopPLogitsWarper(top_p)(None, scores).softmax(-1)[0] if top_p < 1 \
         else scores.softmax(-1)[0]
-    draws = sampling.sample_token(logits.expand(100_000, -1), temperature, top_p, [3])
+    draws = sampling.sample_token(logits.expand(100_000, -1), Sampling(temperature, top_p), [3])
     freq = torch.bincount(draws, minlength=40).double() / draws.numel()
     assert ((freq > 0) <= (expected > 0)).all()  # never outside the nucleus, never id 3
     assert (freq - expected).abs().max() < 0.006
@@ -159,10 +161,11 @@ def test_rows_after_eos_emit_pad_and_stop_ends_early(solver):
         model.eval()
         args = (vlm._core(model), model.get_output_embeddings(), prompt.inputs,
                 vlm._mm_kwargs(prompt, 1))
-        stopped = sampling.decode(*args, 2, 20, 1.0, 1.0, [], [7], 0, stop)
+        stopped = sampling.decode(*args, 2, Sampling(max_new_tokens=20), eos=[7], pad=0,
+                                  stop=stop).ids
         torch.manual_seed(3)  # odd ids end a row, so rows end at different steps
         odd = list(range(1, args[1].out_features, 2))
-        ended = sampling.decode(*args, 6, 40, 1.0, 1.0, [], odd, 2)
+        ended = sampling.decode(*args, 6, Sampling(max_new_tokens=40), eos=odd, pad=2).ids
     assert stopped.shape == (2, 5) and calls[-1] == 5
     is_eos = ended % 2 == 1
     first = is_eos.float().argmax(1)
@@ -189,7 +192,8 @@ def test_sampling_probs_apply_hf_processors_in_hf_order():
             + ([TemperatureLogitsWarper(temperature)] if temperature != 1 else [])
             + ([TopKLogitsWarper(top_k)] if top_k else [])
             + ([TopPLogitsWarper(top_p)] if top_p < 1 else []))(input_ids, logits.clone())
-        ours = sampling.sampling_probs(logits, temperature, top_p, [], top_k, penalty, seen)
+        ours = sampling.sampling_probs(logits, Sampling(temperature, top_p, top_k, penalty), [],
+                                       seen)
         assert torch.allclose(ours, hf.softmax(-1), atol=1e-6), (penalty, temperature, top_k)
 
 
@@ -205,7 +209,7 @@ def test_top_k_3_samples_only_the_steps_3_highest_logits(solver, monkeypatch):
 
     monkeypatch.setattr(sampling, "sample_token", recording)
     torch.manual_seed(5)
-    roll = vlm.generate(policy, prompt, 5, 16, 1.5, 1.0, top_k=3, repetition_penalty=1.0)
+    roll = vlm.generate(policy, prompt, 5, Sampling(1.5, top_k=3, max_new_tokens=16))
     assert len(seen_steps) >= 8 and roll.ids.shape[0] == 5
     distinct = set()
     for logits, tok in seen_steps:
@@ -220,15 +224,15 @@ def test_repetition_penalty_sees_prompt_and_generated_ids(solver, monkeypatch):
     masks, toks = [], []
     real = sampling.sample_token
 
-    def recording(logits, temperature, top_p, banned, top_k, penalty, seen):
+    def recording(logits, how, banned, seen):
         masks.append(seen.clone())
-        tok = real(logits, temperature, top_p, banned, top_k, penalty, seen)
+        tok = real(logits, how, banned, seen)
         toks.append(tok)
         return tok
 
     monkeypatch.setattr(sampling, "sample_token", recording)
     torch.manual_seed(2)
-    vlm.generate(policy, prompt, 3, 6, 1.0, 1.0, top_k=0, repetition_penalty=1.2)
+    vlm.generate(policy, prompt, 3, Sampling(repetition_penalty=1.2, max_new_tokens=6))
     prompt_ids = set(prompt.inputs["input_ids"][0].tolist())
     for step, seen in enumerate(masks):
         for row in range(3):
@@ -236,21 +240,38 @@ def test_repetition_penalty_sees_prompt_and_generated_ids(solver, monkeypatch):
             assert set(seen[row].nonzero().squeeze(1).tolist()) == expected
 
 
-def test_top_k_and_penalty_come_from_the_generation_config(tiny_model, tmp_path):
-    import json
-    import shutil
-    model_dir = str(tmp_path / "with-gen-config")
-    shutil.copytree(tiny_model, model_dir)
-    path = f"{model_dir}/generation_config.json"
-    with open(path) as f:
-        gen = json.load(f)
-    assert "top_k" not in gen and "repetition_penalty" not in gen
+def test_top_k_and_penalty_are_off_unless_merged_from_the_generation_config(real_config_model):
+    """By default the model's generation_config.json sampling values are ignored (Qwen2.5-VL's
+    top_k 1 would sample greedily); --merge_generation_config takes its top_k and
+    repetition_penalty, as HF generate did for the published code; flags win over both."""
+    policy = vlm.Policy("solver", vlm.load_backbone(real_config_model, "float32", "cpu",
+                                                    "sdpa")[0], None)
+    assert vlm.model_sampling_values(policy) == tiny.QWEN2_5_VL_7B_GENERATION
+    got, source = vlm.resolve_sampling(policy, Config(temp=0.7), 16)
+    assert got == Sampling(0.7, 1.0, 0, 1.0, 16) and source == \
+        "top_k 0 (off), repetition_penalty 1 (off)"
+    merged, source = vlm.resolve_sampling(policy, Config(merge_generation_config=True), 16)
+    assert (merged.top_k, merged.repetition_penalty, merged.temperature, merged.top_p) == \
+        (1, 1.05, 1.0, 1.0)  # temperature and top_p were always the call's, as published
+    assert merged.greedy and "top_k 1 (the model's generation_config, merged)" in source
+    flags = Config(merge_generation_config=True, top_k=7, repetition_penalty=1.0)
+    assert vlm.resolve_sampling(policy, flags, 16)[0].top_k == 7
+
+
+def test_hf_defaults_are_merged_when_the_model_sets_none(tiny_model):
     plain = vlm.Policy("solver", vlm.load_backbone(tiny_model, "float32", "cpu", "sdpa")[0], None)
-    assert vlm.sampling_settings(plain)[:2] == (50, 1.0)  # HF's defaults
-    assert "top_k 50 (HF default)" in vlm.sampling_settings(plain)[2]
-    with open(path, "w") as f:
-        json.dump({**gen, "top_k": 3, "repetition_penalty": 1.05}, f)
-    policy = vlm.Policy("solver", vlm.load_backbone(model_dir, "float32", "cpu", "sdpa")[0], None)
-    top_k, penalty, source = vlm.sampling_settings(policy)
-    assert (top_k, penalty) == (3, 1.05) and "top_k 3 (generation_config)" in source
-    assert vlm.sampling_settings(policy, 0, 1.0)[:2] == (0, 1.0)  # flags win
+    assert vlm.model_sampling_values(plain) == {}
+    merged, source = vlm.resolve_sampling(plain, Config(merge_generation_config=True), 8)
+    assert (merged.top_k, merged.repetition_penalty) == (50, 1.0)  # what HF generate used
+    assert "top_k 50 (HF default, merged)" in source
+
+
+def test_temperature_zero_is_greedy_and_scores_at_one():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 30)
+    greedy = Sampling(0.0)
+    assert greedy.greedy and greedy.score_temperature == 1.0
+    assert torch.equal(sampling.sample_token(logits, greedy, [int(logits[0].argmax())]),
+                       torch.cat([logits[:1].topk(2).indices[:, 1], logits[1:].argmax(-1)]))
+    with pytest.raises(ValueError):
+        Sampling(-1.0)

@@ -8,6 +8,7 @@ from PIL import Image
 
 import update
 import vlm
+from sampling import Sampling
 from config import Config
 from data_and_utils import solver_prompt
 from distributed import Dist
@@ -40,7 +41,7 @@ def setup(tiny_model):
     prompt = vlm.make_prompt(solver, Image.new("RGB", (112, 84), (200, 30, 30)),
                              solver_prompt("How many circles?"))
     torch.manual_seed(1)
-    roll = vlm.generate(solver, prompt, N, 12, 1.0, 1.0)
+    roll = vlm.generate(solver, prompt, N, Sampling(max_new_tokens=12))
     roll.mask[1, 7:] = 0  # one shorter completion: padding must not change the others
     episode = update.Episode(prompt, roll, [0.0] * N)
     return cfg, policies, episode

@@ -11,6 +11,7 @@ from PIL import Image
 
 import update
 import vlm
+from sampling import Sampling
 from config import Config
 from data_and_utils import solver_prompt
 
@@ -65,7 +66,7 @@ def test_roles_share_backbone_with_separate_adapters(policies):
 
 def test_batched_generation_returns_n_completions_with_ids(policies, prompt):
     torch.manual_seed(1)
-    roll = vlm.generate(policies["solver"], prompt, 4, 12, 1.0, 1.0)
+    roll = vlm.generate(policies["solver"], prompt, 4, Sampling(max_new_tokens=12))
     assert len(roll.texts) == 4 and roll.ids.shape[0] == 4 and roll.ids.shape[1] <= 12
     assert roll.mask.shape == roll.ids.shape and (roll.mask.sum(1) >= 1).all()
     tok = policies["solver"].processor.tokenizer
@@ -97,7 +98,7 @@ def full_sequence_logprobs(model, prompt, ids):
 
 def test_batched_logprobs_equal_full_sequence(policies, prompt):
     torch.manual_seed(2)
-    roll = vlm.generate(policies["solver"], prompt, 3, 10, 1.0, 1.0)
+    roll = vlm.generate(policies["solver"], prompt, 3, Sampling(max_new_tokens=10))
     mask = roll.mask.clone()
     mask[1, 6:] = 0  # a shorter row: padding must not change the others
     model = policies["solver"].model
@@ -114,7 +115,7 @@ def test_kl_zero_at_init_then_positive_after_one_step(tiny_model, prompt):
     pol = vlm.build_policies(make_cfg(tiny_model))
     solver, proposer = pol["solver"], pol["proposer"]
     torch.manual_seed(3)
-    roll = vlm.generate(solver, prompt, 3, 10, 1.0, 1.0)
+    roll = vlm.generate(solver, prompt, 3, Sampling(max_new_tokens=10))
 
     def kl():
         with torch.no_grad(), vlm.acting(solver) as model:

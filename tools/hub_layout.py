@@ -94,16 +94,18 @@ def write_tokenizer(folder: str, tokenizer, chat_template: str) -> None:
         "tokenizer_class": "Qwen2Tokenizer", "unk_token": None})
 
 
-def write(folder: str, model, tokenizer, chat_template: str, max_pixels: int, dtype: str) -> None:
-    """A complete hub-layout folder for a transformers 5 Qwen2/2.5-VL model and its tokenizer."""
+def write(folder: str, model, tokenizer, chat_template: str, max_pixels: int, dtype: str,
+          generation: dict | None = None) -> None:
+    """A complete hub-layout folder for a transformers 5 Qwen2/2.5-VL model and its tokenizer;
+    `generation`: sampling fields for generation_config.json (the real ones set some)."""
     os.makedirs(folder, exist_ok=True)
     write_weights(folder, model)
     config = model.config
     _dump(os.path.join(folder, "config.json"), hub_config(model, dtype))
     gen = model.generation_config
     _dump(os.path.join(folder, "generation_config.json"), {
-        "bos_token_id": gen.bos_token_id, "eos_token_id": gen.eos_token_id,
-        "pad_token_id": gen.pad_token_id, "transformers_version": HUB_TRANSFORMERS_VERSION})
+        "bos_token_id": gen.bos_token_id, "pad_token_id": gen.pad_token_id, **(generation or {}),
+        "eos_token_id": gen.eos_token_id, "transformers_version": HUB_TRANSFORMERS_VERSION})
     write_tokenizer(folder, tokenizer, chat_template)
     processor = type(config).__name__.replace("Config", "Processor")
     vision = config.vision_config

@@ -175,8 +175,8 @@ def solve(policy: vlm.Policy, image, question: str, args, image_features=None,
     run = run or RunSettings()
     prompt = vlm.make_prompt(policy, image, solver_prompt(question, run.prompts["solver"]),
                              image_features)
-    roll = vlm.generate(policy, prompt, args.samples, args.max_new_tokens, args.temp, args.top_p,
-                        top_k=args.top_k, repetition_penalty=args.repetition_penalty)
+    sampling = vlm.resolve_sampling(policy, args, args.max_new_tokens)[0]
+    roll = vlm.generate(policy, prompt, args.samples, sampling)
     rw = rewards.compute_rewards(run.reward_cfg, roll.texts, 0,
                                  vlm.step_embedder(policy, run.reward_cfg))
     return prompt, {**rw, "texts": roll.texts}
@@ -191,9 +191,22 @@ def summary(rw: dict) -> dict:
 def ask(policy: vlm.Policy, image, args, run: RunSettings) -> str:
     """The proposer's question for this image, as in a training rollout."""
     prompt = vlm.make_prompt(policy, image, proposer_prompt(run.prompts["proposer"]))
-    roll = vlm.generate(policy, prompt, 1, args.max_new_tokens_proposer, args.temp, args.top_p,
-                        top_k=args.top_k, repetition_penalty=args.repetition_penalty)
+    roll = vlm.generate(policy, prompt, 1,
+                        vlm.resolve_sampling(policy, args, args.max_new_tokens_proposer)[0])
     return extract_question(roll.texts[0])
+
+
+def warn_sampling(loaded: Loaded, args) -> None:
+    """Training's sampling settings, said once: the values in use, and a warning when greedy
+    sampling of --samples > 1 makes every answer the same (maj@N = acc, agreement 1)."""
+    policy = next(iter(loaded.policies.values()))
+    sampling, source = vlm.resolve_sampling(policy, args, args.max_new_tokens)
+    print(f"sampling: temperature {sampling.temperature:g}, top_p {sampling.top_p:g}, {source}",
+          file=sys.stderr)
+    warning = vlm.greedy_warning("eval" if isinstance(args, EvalArgs) else "infer", sampling,
+                                 args.samples)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
 
 
 def cmd_infer(args: InferArgs) -> int:
@@ -210,6 +223,7 @@ def cmd_infer(args: InferArgs) -> int:
     if not os.path.isfile(args.image):
         raise UserError(f"--image {args.image} does not exist")
     loaded = load_models(args, adapters)
+    warn_sampling(loaded, args)
     try:
         image = read_image(args.image, loaded.processor, args.max_pixels)
     except BadImage as e:
@@ -334,6 +348,7 @@ def cmd_eval(args: EvalArgs) -> int:
         raise UserError(f"no usable rows in {args.data} ({len(bad)} bad)")
     loaded = load_models(args, {m: None if labels[m] == "base" else s
                                 for m, s in zip(labels, specs)})
+    warn_sampling(loaded, args)
     try:
         out = open(args.out, "w", encoding="utf-8") if args.out else nullcontext()
     except OSError as e:

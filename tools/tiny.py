@@ -12,10 +12,13 @@ merges.txt, tokenizer.json, tokenizer_config.json, preprocessor_config.json, cha
 generation_config.json. layout="transformers5" writes what transformers 5's save_pretrained writes.
 
     python -m tools.tiny runs/tiny-model             # writes a tiny Qwen2.5-VL (hub layout) to that folder
-    python -m tools.tiny runs/tiny-q3 qwen3_vl       # or qwen2_vl: another generation
+    python -m tools.tiny runs/tiny-q3 --family qwen3_vl   # or qwen2_vl: another generation
+    python -m tools.tiny runs/tiny-real --real_generation_config   # Qwen2.5-VL-7B-Instruct's sampling values
+    python -m tools.tiny --help
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import random
@@ -167,6 +170,12 @@ def _family_classes(family: str):
 
 
 LAYOUTS = ("hub", "transformers5")
+# The sampling values of the hub's Qwen/Qwen2.5-VL-7B-Instruct generation_config.json (its bos,
+# pad and eos are <|endoftext|>, <|endoftext|> and [<|im_end|>, <|endoftext|>], which every tiny
+# model sets with its own ids). HF generate merges them into any call that leaves them unset:
+# top_k 1 is greedy.
+QWEN2_5_VL_7B_GENERATION = {"do_sample": True, "temperature": 0.1, "top_p": 0.001, "top_k": 1,
+                            "repetition_penalty": 1.05}
 
 
 def _read_marker(out_dir: str) -> tuple[str, str] | None:
@@ -185,13 +194,15 @@ def build_tiny_model(out_dir: str, hidden: int = 128, layers: int = 2, intermedi
                      vision_hidden: int = 64, vision_heads: int = 2, vision_intermediate: int = 128,
                      max_pixels: int = 224 * 224, seed: int = 0, family: str = "qwen2_5_vl",
                      fullatt_block_indexes: list[int] | None = None,
-                     dtype: str = "float32", layout: str | None = None) -> str:
+                     dtype: str = "float32", layout: str | None = None,
+                     generation: dict | None = None) -> str:
     """Write a random-weight Qwen-VL checkpoint folder of the given generation (one of FAMILIES)
     and return its path. An existing complete folder is reused if it is of the same family (and
     of the layout asked for, if one is). layout: "hub" (default for Qwen2/2.5-VL: as the real
     checkpoints are published) or "transformers5" (the only one for Qwen3-VL). fullatt_block_indexes (Qwen2.5-VL: vision blocks
     with full, not windowed, attention; default the last) and dtype (of the saved weights) let
-    scripts/bench.py build the real 3B shapes."""
+    scripts/bench.py build the real 3B shapes. `generation`: sampling fields written into
+    generation_config.json (e.g. QWEN2_5_VL_7B_GENERATION), next to bos, eos and pad."""
     from transformers import Qwen2VLImageProcessor
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
@@ -222,10 +233,12 @@ def build_tiny_model(out_dir: str, hidden: int = 128, layers: int = 2, intermedi
     gen.eos_token_id = [ids["<|im_end|>"], ids["<|endoftext|>"]]
     gen.pad_token_id = ids["<|endoftext|>"]
     gen.bos_token_id = ids["<|endoftext|>"]
+    for name, value in (generation or {}).items():
+        setattr(gen, name, value)
     with atomic_dir(out_dir, out_dir.rstrip("/") + ".tmp") as tmp:
         if layout == "hub":
             from tools import hub_layout
-            hub_layout.write(tmp, model, tokenizer, CHAT_TEMPLATE, max_pixels, dtype)
+            hub_layout.write(tmp, model, tokenizer, CHAT_TEMPLATE, max_pixels, dtype, generation)
         else:
             # Qwen3-VL normalises pixels to [-1, 1]; the older generations use the CLIP statistics.
             norm = dict(image_mean=[0.5] * 3, image_std=[0.5] * 3) if family == "qwen3_vl" else {}
@@ -319,6 +332,29 @@ def make_counting_eval_set(out_dir: str, n: int = 8, seed: int = 1, size: int = 
     return path
 
 
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tools.tiny",
+                                description="Write a tiny random-weight Qwen-VL checkpoint folder.")
+    p.add_argument("out", nargs="?", default="runs/tiny-model",
+                   help="folder to write (an existing complete one of the same kind is reused; "
+                        "default: %(default)s)")
+    p.add_argument("--family", choices=FAMILIES, default="qwen2_5_vl", help="default: %(default)s")
+    p.add_argument("--layout", choices=LAYOUTS, default=None,
+                   help="hub (Qwen2/2.5-VL default) or transformers5 (Qwen3-VL's only one)")
+    p.add_argument("--seed", type=int, default=0, help="weights and tokenizer seed")
+    p.add_argument("--real_generation_config", action="store_true",
+                   help="write Qwen2.5-VL-7B-Instruct's sampling values into generation_config.json "
+                        f"({', '.join(f'{k} {v}' for k, v in QWEN2_5_VL_7B_GENERATION.items())})")
+    args = p.parse_args(argv)
+    try:
+        print(build_tiny_model(args.out, seed=args.seed, family=args.family, layout=args.layout,
+                               generation=QWEN2_5_VL_7B_GENERATION if args.real_generation_config
+                               else None))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 if __name__ == "__main__":
-    print(build_tiny_model(sys.argv[1] if len(sys.argv) > 1 else "runs/tiny-model",
-                           family=sys.argv[2] if len(sys.argv) > 2 else "qwen2_5_vl"))
+    sys.exit(main())
