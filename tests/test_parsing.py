@@ -55,6 +55,10 @@ def test_extract_answer():
     assert extract_answer("") == ""
     assert extract_answer("<think></think>") == ""
     assert extract_answer("x < 5 and y > 3") == "x < 5 and y > 3"  # not tags
+    # an unclosed <answer> on the line of the reasoning: its text, not the line it shares
+    assert extract_answer("<think>Step 1: red</think><answer>5") == "5"
+    assert extract_answer("<think>Step 1: red</think><ANSWER> 5 </think>") == "5"
+    assert extract_answer("<think>Step 1: red</think><answer>") == ""
 
 
 def test_normalize_answer():
