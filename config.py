@@ -111,6 +111,10 @@ class Config:
     lr: float = _help("AdamW learning rate (both roles).", default=1e-6)
     weight_decay: float = _help("AdamW weight decay.", default=0.01)
     grad_clip: float = _help("Global gradient-norm clip.", default=1.0)
+    grad_clip_per_device: bool = _help("Published behaviour: clip each device's parameters to "
+                                       "--grad_clip separately (with --device_map auto over k "
+                                       "GPUs the global norm may reach sqrt(k) times it).",
+                                       default=False)
     proposer_update_freq: int = _help("Update the Proposer every this many steps (0 = never, "
                                       "which is what the published code did in effect).", default=5)
     update_mode: str = _help(f"One of {UPDATE_MODES}: one optimizer step per image over its N "

@@ -83,13 +83,30 @@ def update_policy(cfg: Config, policy: Policy, optimizer, episode: Episode,
     optimizer.zero_grad(set_to_none=True)
     loss, kl_sum = accumulate_gradients(cfg, policy, episode, advantages, beta)
     dist.average_gradients(params)
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    grad_norm = clip_gradients(params, cfg.grad_clip, cfg.grad_clip_per_device)
     finite = not dist.any(not (math.isfinite(loss) and torch.isfinite(grad_norm).item()))
     if finite:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     tokens = max(int(episode.rollout.mask.sum()), 1)
     return {"loss": loss, "kl": kl_sum / tokens, "grad_norm": grad_norm.item(), "finite": finite}
+
+
+def clip_gradients(params: list, max_norm: float, per_device: bool = False) -> torch.Tensor:
+    """Clip the global gradient norm to max_norm; returns the norm before clipping. per_device
+    (the published rule): each device's parameters are clipped separately, so over k devices
+    (--device_map auto) the global norm may reach sqrt(k) * max_norm; the global norm is then
+    returned."""
+    if not per_device:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    by_device = {}
+    for p in params:
+        if p.grad is not None:
+            by_device.setdefault(p.grad.device, []).append(p)
+    norms = [torch.nn.utils.clip_grad_norm_(group, max_norm) for group in by_device.values()]
+    if not norms:
+        return torch.zeros(())
+    return torch.stack([n.float().cpu() for n in norms]).norm()
 
 
 def update_role(cfg: Config, role: str, policies: dict, optimizers: dict, episode: Episode,

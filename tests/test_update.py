@@ -110,3 +110,19 @@ def test_gradient_checkpointing_gives_the_same_update(tiny_model, setup):
     assert checkpointed["loss"] == pytest.approx(plain["loss"], abs=1e-5)
     assert checkpointed["kl"] == pytest.approx(plain["kl"], abs=1e-5)
     assert checkpointed["grad_norm"] == pytest.approx(plain["grad_norm"], rel=1e-4)
+
+
+def test_per_device_clipping_is_the_global_clip_on_one_device():
+    """The published per-device rule clips each device's group separately; on one device it is
+    the global clip, and its returned norm is the norm before clipping."""
+    def grads():
+        torch.manual_seed(0)
+        ps = [torch.nn.Parameter(torch.zeros(4)) for _ in range(3)]
+        for p in ps:
+            p.grad = torch.randn(4) * 3
+        return ps
+    a, b = grads(), grads()
+    na, nb = update.clip_gradients(a, 1.0), update.clip_gradients(b, 1.0, per_device=True)
+    assert torch.allclose(na, nb) and na > 1
+    assert all(torch.allclose(x.grad, y.grad) for x, y in zip(a, b))
+    assert abs(torch.cat([p.grad for p in b]).norm().item() - 1.0) < 1e-5
