@@ -33,6 +33,7 @@ python train.py \
   --clear_cache_every 5 \
   --update_mode per_sample \
   --kl_error_clip 0 \
+  --merge_generation_config \
   --proposer_prompt_file "$PROPOSER_PROMPT" \
   --solver_prompt_file "$SOLVER_PROMPT" \
   "$@"

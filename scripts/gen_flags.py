@@ -33,8 +33,10 @@ hand (`tests/test_readme.py` checks that this file is the script's output).
 
 `python train.py --help` and `python run.py infer|eval|export --help` print the same. Booleans are
 switches (`--use_lora_solver`); `--no_freeze_vision` turns the vision freeze off (full fine-tuning
-only: LoRA roles share the frozen base as their reference). `python run.py ...` takes every
-training flag exactly as `python train.py ...` does.
+only: a LoRA role keeps the tower frozen, with a warning, as the published code did). Every flag of
+the published parser is accepted with its published meaning, by its name or as an alias of ours
+(listed with the flag). `python run.py ...` takes every training flag exactly as
+`python train.py ...` does.
 """
 
 # (heading, dataclass, what it is for); each table lists the fields the class adds to its bases.
@@ -87,6 +89,9 @@ def help_text(f: dataclasses.Field) -> str:
         text = f"{text} One of: {', '.join(f'`{c}`' for c in choices)}.".strip()
     if f.metadata.get("action") == "append":
         text = f"{text} Repeatable."
+    aliases = f.metadata.get("aliases")
+    if aliases:
+        text = f"{text} Published name: {', '.join(f'`{a}`' for a in aliases)}."
     return text.replace("|", "\\|")
 
 

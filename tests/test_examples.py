@@ -75,10 +75,11 @@ def test_reproduce_published_sets_the_published_behaviour(tmp_path):
                                           tmp_path, **ENV, **files)))
     seed = parse_config(SEED_COMMAND)
     assert (cfg.update_mode, cfg.proposer_update_freq, cfg.kl_error_clip) == ("per_sample", 0, 0)
+    assert cfg.merge_generation_config  # the published sampling: greedy on Qwen2.5-VL-7B
     assert cfg.proposer_prompt_text == "Ask one question about the image."
     assert cfg.solver_prompt_text == "Answer step by step: {question}"
     published = {"update_mode", "proposer_update_freq", "kl_error_clip", "proposer_prompt_file",
-                 "solver_prompt_file"}
+                 "solver_prompt_file", "merge_generation_config"}
     assert {k: v for k, v in cfg.to_dict().items() if k not in published} == \
         {k: v for k, v in seed.to_dict().items() if k not in published}
 
