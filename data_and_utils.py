@@ -136,7 +136,7 @@ class ImagePool:
         self.data_dir, self.seed = data_dir, seed
         self.max_pixels, self.min_pixels, self.factor = max_pixels, min_pixels, factor
         self.max_retries = max_retries
-        self.paths = sorted(_scan(data_dir, include_subfolders or []))
+        self.paths = sorted(find_images(data_dir, include_subfolders or []))
         if not self.paths:
             raise UserError(f"no images found in {data_dir} (looked for {' '.join(IMAGE_EXTENSIONS)})")
         self.bad: dict[str, str] = {}  # path -> reason; known-bad files are skipped instantly
@@ -195,7 +195,9 @@ def check_data_dir(data_dir: str) -> None:
         raise UserError(f"--data_dir {data_dir} {what}")
 
 
-def _scan(data_dir: str, include: list[str]) -> list[str]:
+def find_images(data_dir: str, include: list[str]) -> list[str]:
+    """The image files of the pool, unsorted: those in data_dir's first-level subfolders (only
+    `include`'s, when given) when it has any, else those under data_dir itself."""
     check_data_dir(data_dir)
     subfolders = sorted(e.name for e in os.scandir(data_dir)
                         if not e.name.startswith(".") and e.is_dir())  # is_dir follows symlinks

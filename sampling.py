@@ -116,23 +116,19 @@ def decode(core, head, inputs: dict, mm_kwargs: dict, n: int, sampling: Sampling
 def prefill(core, head, inputs: dict, mm_kwargs: dict, n: int, max_new_tokens: int,
             lean: bool = True):
     """Run the prompts once; return (first logits [rows * n, V], step(tokens, position) -> next
-    logits, first position). One prompt takes the unpadded path (one int position). Several
-    left-padded prompts give each row its own position, and the padding is masked for every later
-    token, so a row's logits do not depend on its neighbours' lengths."""
+    logits, first position). Generated text continues from each prompt's largest (3-D rope)
+    position, like HF's deltas: one int for one prompt; for several left-padded prompts one per
+    row, with the padding masked for every later token, so a row's logits do not depend on its
+    neighbours' lengths."""
     mask = inputs["attention_mask"]
     pos, _ = core.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"],
                                  image_grid_thw=inputs["image_grid_thw"], attention_mask=mask)
     out = core(input_ids=inputs["input_ids"], attention_mask=mask,
                mm_token_type_ids=inputs["mm_token_type_ids"], position_ids=pos, **mm_kwargs,
                use_cache=True)
-    # Generated text continues from the prompt's largest (3-D rope) position, like HF's deltas.
-    if inputs["input_ids"].shape[0] == 1:
-        out.cache.batch_repeat_interleave(n)
-        step = _stepper(core.language_model, head, out.cache, max_new_tokens, lean)
-        return head(out.last_hidden_state[:, -1]).expand(n, -1), step, int(pos.max()) + 1
-    step = _batched_stepper(core.language_model, head, out.cache, mask.bool(), n, max_new_tokens,
-                            lean)
-    start = (pos.amax(dim=(0, 2)) + 1).repeat_interleave(n)
+    step = _stepper(core.language_model, head, out.cache, mask.bool(), n, max_new_tokens, lean)
+    start = (int(pos.max()) + 1 if mask.shape[0] == 1
+             else (pos.amax(dim=(0, 2)) + 1).repeat_interleave(n))
     return head(out.last_hidden_state[:, -1]).repeat_interleave(n, 0), step, start
 
 
@@ -176,39 +172,31 @@ def decode_path(lm, head, lean: bool = True) -> tuple[str, str]:
                     f"{lora}")
 
 
-def _stepper(lm, head, cache, max_new_tokens: int, lean: bool = True):
-    """step(tokens [n], position) -> next logits [n, V], extending `cache` by one position."""
+def _stepper(lm, head, cache, prompt_mask: torch.Tensor, n: int, max_new_tokens: int,
+             lean: bool = True):
+    """step(tokens [rows * n], position) -> next logits [rows * n, V], extending `cache` (of the
+    prompts, `prompt_mask` [prompts, P] False on left padding) by one position. The lean step
+    copies one prompt's keys and values to its n rows (KVBuffer) and keeps several prompts'
+    once each (SharedPrefix); the HF layers get them repeated per row, masked when padded."""
+    one = prompt_mask.shape[0] == 1
     lean = LeanDecoder.build(lm, head) if lean else None
     if lean is not None:
-        kv = [KVBuffer(layer.keys, layer.values, max_new_tokens) for layer in cache.layers]
-        return lambda tok, position: lean.step(tok, position, kv)
-
-    def hf_step(tok, position):
-        # No image in new tokens: the language model alone, without the vision wrapper.
-        ids = torch.full((3, tok.shape[0], 1), position, device=tok.device)
-        h = lm(input_ids=tok[:, None], position_ids=ids, cache=cache, use_cache=True)
-        return head(h.last_hidden_state[:, -1])
-    return hf_step
-
-
-def _batched_stepper(lm, head, cache, prompt_mask: torch.Tensor, n: int, max_new_tokens: int,
-                     lean: bool = True):
-    """_stepper for n rows per left-padded prompt (`prompt_mask` [prompts, P], False on padding)
-    and a position per row. The lean step keeps each prompt's keys and values once (SharedPrefix);
-    the HF layers get them repeated per row and an attention mask."""
-    lean = LeanDecoder.build(lm, head) if lean else None
-    if lean is not None:
-        kv = [SharedPrefix(layer.keys, layer.values, prompt_mask, n, max_new_tokens)
-              for layer in cache.layers]
+        if one:
+            cache.batch_repeat_interleave(n)
+            kv = [KVBuffer(layer.keys, layer.values, max_new_tokens) for layer in cache.layers]
+        else:
+            kv = [SharedPrefix(layer.keys, layer.values, prompt_mask, n, max_new_tokens)
+                  for layer in cache.layers]
         return lambda tok, position: lean.step(tok, position, kv)
     cache.batch_repeat_interleave(n)
     mask = prompt_mask.long().repeat_interleave(n, 0)
-    mask = torch.cat([mask, mask.new_ones(mask.shape[0], max_new_tokens)], 1)
+    mask = None if one else torch.cat([mask, mask.new_ones(mask.shape[0], max_new_tokens)], 1)
 
     def hf_step(tok, position):
-        ids = position.to(tok.device).expand(3, -1)[..., None]
+        # No image in new tokens: the language model alone, without the vision wrapper.
+        ids = torch.as_tensor(position, device=tok.device).expand(3, tok.shape[0])[..., None]
         h = lm(input_ids=tok[:, None], position_ids=ids, cache=cache, use_cache=True,
-               attention_mask=mask[:, :cache.get_seq_length() + 1])
+               attention_mask=None if mask is None else mask[:, :cache.get_seq_length() + 1])
         return head(h.last_hidden_state[:, -1])
     return hf_step
 

@@ -33,8 +33,8 @@ from distributed import run_lock
 from runtime import keep_freed_memory, rng_state, seed_all, set_rng_state
 from sampling import decode_path
 from update import Episode, update_role
-from vlm import (ROLES, _core, build_policies, generate, image_sizing, log_sampling, make_prompts,
-                 role_sampling, step_embedder)
+from vlm import (ROLES, build_policies, core_model, generate, image_sizing, log_sampling,
+                 make_prompts, role_sampling, step_embedder)
 
 log = logging.getLogger("ireasoner")
 
@@ -300,7 +300,7 @@ def run_locked(cfg: Config, dist: Dist, run_name: str, run_dir: str) -> int:
     if dist.is_main:  # which decode step sampling runs, and why: a slow path must not be silent
         for role, p in policies.items():
             log.info("%s decode path: %s (%s)", role,
-                     *decode_path(_core(p.model).language_model, p.model.get_output_embeddings(),
+                     *decode_path(core_model(p.model).language_model, p.model.get_output_embeddings(),
                                   cfg.lean_decode))
         log_sampling(cfg, policies)
     st = TrainState(kl_coef={r: cfg.kl_coef for r in ROLES})

@@ -23,7 +23,7 @@ import rewards as R
 from config import Config
 from distributed import Dist, TrainingError
 from sampling import Sampling, tempered_logprobs
-from vlm import Policy, Prompt, Rollout, _core, _mm_kwargs, _select_mm, acting, reference
+from vlm import Policy, Prompt, Rollout, acting, core_model, reference, vision_inputs
 
 log = logging.getLogger("ireasoner")
 MAX_NONFINITE_IN_A_ROW = 3
@@ -58,7 +58,7 @@ def accumulate_gradients(cfg: Config, policy: Policy, episode: Episode, advantag
     with acting(policy) as model:
         for lo in range(0, ids.shape[0], chunk):
             part = slice(lo, lo + chunk)
-            own = None if owner is None else owner[part]
+            own = owner[part]
             ref_logp = reference_logprobs(policy, episode.prompt, ids[part], mask[part], own,
                                           temperature)
             model.train()
@@ -124,7 +124,7 @@ def update_role(cfg: Config, role: str, policies: dict, optimizers: dict, episod
     # rank by rank and image by image. A group baseline is each image's own N rewards.
     group_adv = R.advantages_for(episode.rewards, None,
                                  len(episode.rewards) // episode.prompt.images)
-    parts = _per_sample(episode) if cfg.update_mode == "per_sample" else [(0, episode)]
+    parts = per_sample_episodes(episode) if cfg.update_mode == "per_sample" else [(0, episode)]
     per = {"baseline": [], "kl_coef": [], "kl": [], "loss": []}
     for first, part in parts:
         per["baseline"].append(st.baseline[role])
@@ -149,7 +149,7 @@ def update_role(cfg: Config, role: str, policies: dict, optimizers: dict, episod
     return rec
 
 
-def _per_sample(episode: Episode) -> list[tuple[int, Episode]]:
+def per_sample_episodes(episode: Episode) -> list[tuple[int, Episode]]:
     """(index, one-completion episode) for each sample, in sample order."""
     roll = episode.rollout
     return [(i, Episode(episode.prompt, roll.rows(slice(i, i + 1)), [reward]))
@@ -174,11 +174,9 @@ def _adapt_kl_coef(cfg: Config, role: str, st, kl: float, finite: bool) -> None:
 
 
 # ---------------------------------------------------------------- completion log-probs and the KL to the reference
-def row_images(prompt: Prompt, rows: int) -> torch.Tensor | None:
-    """Image index of each of `rows` completions of a several-image prompt (each image's rows
-    consecutive, as generate returns them); None for a one-image prompt."""
-    if prompt.images == 1:
-        return None
+def row_images(prompt: Prompt, rows: int) -> torch.Tensor:
+    """Image index of each of `rows` completions (each image's rows consecutive, as generate
+    returns them): all 0 for a one-image prompt."""
     return torch.arange(prompt.images).repeat_interleave(rows // prompt.images)
 
 
@@ -186,70 +184,45 @@ def completion_logits(model, prompt: Prompt, ids: torch.Tensor, mask: torch.Tens
                       owner: torch.Tensor | None = None) -> torch.Tensor:
     """Logits [n, L, V] that predict each completion token, computed at completion positions only:
     the lm_head (and so the vocabulary-sized tensor) never sees the prompt or the image tokens.
-    The n rows share one prompt, so it runs once and the completions attend to its key/value
-    cache: the same function (gradients flow back through the shared cache) at P + n*L instead
-    of n*(P + L) token positions. With a several-image prompt, `owner` names each row's image."""
-    if owner is not None:
-        return _owned_completion_logits(model, prompt, ids, mask, owner)
+    `owner` names each row's image (default: row_images). Each image the rows need runs once and
+    its completions attend to its key/value cache: the same function (gradients flow back through
+    the shared cache) at P + n*L instead of n*(P + L) token positions. Left padding of a
+    several-image prompt is masked, with positions from the mask, so a row's logits are those of
+    its image's prompt alone."""
     n, length = ids.shape
-    p = prompt.inputs
-    full = {"input_ids": torch.cat([p["input_ids"].expand(n, -1), ids], 1),
-            "attention_mask": torch.cat([p["attention_mask"].expand(n, -1), mask], 1),
-            "mm_token_type_ids": torch.cat([p["mm_token_type_ids"].expand(n, -1),
-                                            torch.zeros_like(ids)], 1)}
-    if _drops_cache(model):
-        out = model(**full, **_mm_kwargs(prompt, n), logits_to_keep=length + 1, use_cache=False)
-        return out.logits[:, :-1]  # the last kept position predicts the token after the completion
-    core = _core(model)
-    # The (3-D, image-aware) positions one joint forward would use, sliced for the two parts.
-    pos, _ = core.get_rope_index(full["input_ids"], full["mm_token_type_ids"],
-                                 image_grid_thw=p["image_grid_thw"].repeat(n, 1),
-                                 attention_mask=full["attention_mask"])
-    P = prompt.length
-    pre = core(input_ids=p["input_ids"], attention_mask=p["attention_mask"],
-               mm_token_type_ids=p["mm_token_type_ids"], position_ids=pos[:, :1, :P],
-               **_mm_kwargs(prompt, 1), use_cache=True)
-    pre.cache.batch_repeat_interleave(n)
-    out = core(input_ids=ids, attention_mask=full["attention_mask"], position_ids=pos[:, :, P:],
-               cache=pre.cache, use_cache=True)
-    hidden = torch.cat([pre.last_hidden_state[:, -1:].expand(n, -1, -1), out.last_hidden_state], 1)
-    return model.get_output_embeddings()(hidden)[:, :-1]  # same L + 1 positions as above
-
-
-def _owned_completion_logits(model, prompt: Prompt, ids, mask, owner) -> torch.Tensor:
-    """completion_logits for rows of a left-padded several-image prompt: each image this chunk
-    needs runs once, its key/value rows are gathered per completion, and padding is masked, with
-    positions from the mask, so a row's logits are those of its image's prompt alone."""
-    length, P, p = ids.shape[1], prompt.length, prompt.inputs
-    used = sorted(set(owner.tolist()))
-    local = torch.tensor([used.index(i) for i in owner.tolist()], device=ids.device)
+    P, p = prompt.length, prompt.inputs
+    owner = row_images(prompt, n) if owner is None else owner
+    rows = owner.tolist()
+    used = sorted(set(rows))
+    local = torch.tensor([used.index(i) for i in rows], device=ids.device)
     full = {"input_ids": torch.cat([p["input_ids"][owner], ids], 1),
             "attention_mask": torch.cat([p["attention_mask"][owner], mask], 1),
             "mm_token_type_ids": torch.cat([p["mm_token_type_ids"][owner],
                                             torch.zeros_like(ids)], 1)}
     if _drops_cache(model):
-        out = model(**full, **_select_mm(prompt, owner.tolist()), logits_to_keep=length + 1,
+        out = model(**full, **vision_inputs(prompt, rows), logits_to_keep=length + 1,
                     use_cache=False)
-        return out.logits[:, :-1]
-    core = _core(model)
+        return out.logits[:, :-1]  # the last kept position predicts the token after the completion
+    core = core_model(model)
+    # The (3-D, image-aware) positions one joint forward would use, sliced for the two parts.
     pos, _ = core.get_rope_index(full["input_ids"], full["mm_token_type_ids"],
                                  image_grid_thw=p["image_grid_thw"][owner],
                                  attention_mask=full["attention_mask"])
-    first = [owner.tolist().index(i) for i in used]  # a row of each used image
+    first = [rows.index(i) for i in used]  # a row of each used image
     pre = core(input_ids=p["input_ids"][used], attention_mask=p["attention_mask"][used],
                mm_token_type_ids=p["mm_token_type_ids"][used], position_ids=pos[:, first, :P],
-               **_select_mm(prompt, used), use_cache=True)
+               **vision_inputs(prompt, used), use_cache=True)
     pre.cache.batch_select_indices(local)
     out = core(input_ids=ids, attention_mask=full["attention_mask"], position_ids=pos[:, :, P:],
                cache=pre.cache, use_cache=True)
     hidden = torch.cat([pre.last_hidden_state[local, -1:], out.last_hidden_state], 1)
-    return model.get_output_embeddings()(hidden)[:, :-1]
+    return model.get_output_embeddings()(hidden)[:, :-1]  # same L + 1 positions as above
 
 
 def _drops_cache(model) -> bool:
     """HF gradient checkpointing discards the cache in a training forward with gradients, so the
     shared-prompt path cannot be used there: fall back to one joint forward."""
-    layers = _core(model).language_model.layers
+    layers = core_model(model).language_model.layers
     return (model.training and torch.is_grad_enabled()
             and any(getattr(layer, "gradient_checkpointing", False) for layer in layers))
 

@@ -70,8 +70,9 @@ def load_backbone(name: str, dtype: str, device_map: str, attn_implementation: s
     return runtime.load_backbone(name, DTYPES[dtype], device_map, attn_implementation)
 
 
-def _core(model):
-    """The inner *Model (visual + language_model) under PEFT and *ForConditionalGeneration."""
+def core_model(model):
+    """The inner *Model (visual + language_model) under PEFT and *ForConditionalGeneration: what
+    the prefill and the shared-prompt forwards call, below the lm_head."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return base.model
 
@@ -103,7 +104,7 @@ def _lora_config(cfg, model):
 def _full_finetune(role: str, model, processor, cfg) -> Policy:
     """Train the language model (and the vision tower if not frozen); reference = frozen copy."""
     ref = copy.deepcopy(model).eval()
-    core = _core(model)
+    core = core_model(model)
     core.language_model.requires_grad_(True)
     model.get_output_embeddings().requires_grad_(True)
     if not cfg.freeze_vision:
@@ -190,41 +191,28 @@ def make_prompts(policy: Policy, images: list, texts: list[str], image_features=
 def encode_image(model, inputs) -> BaseModelOutputWithPooling:
     # LoRA lives in the language model only, so the vision output is the same for every
     # adapter, for the reference and for all N samples: compute it once per image.
-    return _core(model).get_image_features(inputs["pixel_values"], inputs["image_grid_thw"],
+    return core_model(model).get_image_features(inputs["pixel_values"], inputs["image_grid_thw"],
                                            return_dict=True)
 
 
-def _mm_kwargs(prompt: Prompt, n: int) -> dict:
-    """Vision inputs for a batch of n rows that share the prompt's single image."""
-    grid = prompt.inputs["image_grid_thw"].repeat(n, 1)
+def vision_inputs(prompt: Prompt, owner: list[int]) -> dict:
+    """The model's vision inputs for rows that show images `owner` of the prompt (an image index
+    per row, in row order: the model fills image tokens in row-major order). Precomputed
+    features go in as a fresh output object per call (generate() rewrites its fields in place).
+    Qwen3-VL's deepstack features are per image like pooler_output, so they are selected
+    alongside; dropping them would silently change the logits (tests/test_families.py)."""
+    grid = prompt.inputs["image_grid_thw"][owner]
     if prompt.image_features is None:
-        return {"pixel_values": prompt.inputs["pixel_values"].repeat(n, 1), "image_grid_thw": grid}
-    feats = prompt.image_features
-    # A fresh output object per call: generate() rewrites its fields in place. Qwen3-VL's
-    # deepstack features are per image like pooler_output, so they are repeated alongside;
-    # dropping them would silently change the logits (tests/test_families.py checks this).
-    extra = {}
-    if getattr(feats, "deepstack_features", None) is not None:
-        extra["deepstack_features"] = [tuple(layer) * n for layer in feats.deepstack_features]
-    rows = type(feats)(pooler_output=tuple(feats.pooler_output) * n, **extra)
-    return {"mm_encoder_outputs": {"image": rows}, "image_grid_thw": grid}
-
-
-def _select_mm(prompt: Prompt, owner: list[int]) -> dict:
-    """Vision inputs for rows showing images `owner` (an index per row) of a several-image prompt,
-    in row order: the model fills image tokens in row-major order."""
-    grid = prompt.inputs["image_grid_thw"]
-    if prompt.image_features is None:
-        patches = prompt.inputs["pixel_values"].split(grid.prod(-1).tolist())
-        return {"pixel_values": torch.cat([patches[i] for i in owner]),
-                "image_grid_thw": grid[owner]}
+        patches = prompt.inputs["pixel_values"].split(
+            prompt.inputs["image_grid_thw"].prod(-1).tolist())
+        return {"pixel_values": torch.cat([patches[i] for i in owner]), "image_grid_thw": grid}
     feats = prompt.image_features
     extra = {}
     if getattr(feats, "deepstack_features", None) is not None:
         extra["deepstack_features"] = [tuple(layer[i] for i in owner)
                                        for layer in feats.deepstack_features]
     rows = type(feats)(pooler_output=tuple(feats.pooler_output[i] for i in owner), **extra)
-    return {"mm_encoder_outputs": {"image": rows}, "image_grid_thw": grid[owner]}
+    return {"mm_encoder_outputs": {"image": rows}, "image_grid_thw": grid}
 
 
 def suppressed_ids(processor) -> list[int]:
@@ -260,9 +248,8 @@ def generate(policy: Policy, prompt: Prompt, n: int, sampling: Sampling, *,
         eos = model.generation_config.eos_token_id
         # Our own loop (sampling.py): the prompt runs once, not n times, and the per-token
         # overhead is a fraction of HF generate's. HF's processors, in HF's order.
-        mm = _mm_kwargs(prompt, 1) if prompt.images == 1 else \
-            _select_mm(prompt, list(range(prompt.images)))
-        out = decode(_core(model), model.get_output_embeddings(), prompt.inputs, mm, n, sampling,
+        mm = vision_inputs(prompt, list(range(prompt.images)))
+        out = decode(core_model(model), model.get_output_embeddings(), prompt.inputs, mm, n, sampling,
                      suppress=suppressed_ids(policy.processor), eos=eos, pad=_pad_id(policy),
                      stop=stop)
     mask = completion_mask(out.ids, eos)
@@ -383,7 +370,7 @@ def embed_steps(policy: Policy, steps: list[str], kind: str, max_tokens: int) ->
         if kind == "input_embeddings":
             h = ref.get_input_embeddings()(ids)
         else:
-            h = _core(ref).language_model(input_ids=ids, attention_mask=mask).last_hidden_state
+            h = core_model(ref).language_model(input_ids=ids, attention_mask=mask).last_hidden_state
     m = mask.unsqueeze(-1).to(h.dtype)
     mean = (h * m).sum(1) / m.sum(1).clamp(min=1)
     return F.normalize(mean.float(), dim=-1).cpu()

@@ -43,7 +43,7 @@ from data_and_utils import ImagePool  # noqa: E402
 from distributed import Dist  # noqa: E402
 from runtime import keep_freed_memory, seed_all  # noqa: E402
 from tools import tiny  # noqa: E402
-from vlm import ROLES, _core  # noqa: E402
+from vlm import ROLES, core_model  # noqa: E402
 
 # The seed repository's target list; mm_projector matches no language-model Linear (a warning).
 SEED_LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,mm_projector"
@@ -306,7 +306,7 @@ def run_baselines(cfg, args, policies, optimizers, pool, st, ours: dict, memory:
 def decode_path(args, model) -> tuple[str, str]:
     """sampling.decode_path for the solver (the proposer shares its model and LoRA config),
     with the lean step on or off as --decode asks (make_config passes it as --lean_decode)."""
-    return sampling.decode_path(_core(model).language_model, model.get_output_embeddings(),
+    return sampling.decode_path(core_model(model).language_model, model.get_output_embeddings(),
                                 args.decode == "auto")
 
 

@@ -96,12 +96,12 @@ def test_padded_decode_steps_match_each_prompt_alone(batch, lean, monkeypatch):
     tokens = roll.ids[:, :6]
     with torch.no_grad(), vlm.acting(policies["solver"]) as model:
         model.eval()
-        core, head = vlm._core(model), model.get_output_embeddings()
-        mm = vlm._select_mm(prompt, list(range(B)))
+        core, head = vlm.core_model(model), model.get_output_embeddings()
+        mm = vlm.vision_inputs(prompt, list(range(B)))
         logits, step, start = sampling.prefill(core, head, prompt.inputs, mm, N, 7)
         batched = [logits] + [step(tokens[:, j], start + j) for j in range(6)]
         for b, p in enumerate(alone):
-            logits, step, start = sampling.prefill(core, head, p.inputs, vlm._mm_kwargs(p, 1), N, 7)
+            logits, step, start = sampling.prefill(core, head, p.inputs, vlm.vision_inputs(p, [0]), N, 7)
             assert isinstance(start, int)  # one prompt keeps the unpadded path
             single = [logits] + [step(tokens[rows(b), j], start + j) for j in range(6)]
             for got, expected in zip(batched, single):
@@ -284,9 +284,9 @@ def test_other_families_pad_exactly(family, tmp_path):
     owner = update.row_images(prompt, 6)
     with torch.no_grad():
         got = update.completion_logits(model, prompt, roll.ids, roll.mask, owner)
-        core, head = vlm._core(model), model.get_output_embeddings()
+        core, head = vlm.core_model(model), model.get_output_embeddings()
         first, step, start = sampling.prefill(core, head, prompt.inputs,
-                                              vlm._select_mm(prompt, [0, 1, 2]), 2, 3)
+                                              vlm.vision_inputs(prompt, [0, 1, 2]), 2, 3)
         after = step(roll.ids[:, 0], start)
         for b in range(3):
             alone = vlm.make_prompt(policy, images[b], texts[b])
@@ -295,7 +295,7 @@ def test_other_families_pad_exactly(family, tmp_path):
             m = roll.mask[rows_b].bool()
             assert torch.allclose(got[rows_b][m], own[m], atol=1e-5, rtol=0), b
             first1, step1, start1 = sampling.prefill(core, head, alone.inputs,
-                                                     vlm._mm_kwargs(alone, 1), 2, 3)
+                                                     vlm.vision_inputs(alone, [0]), 2, 3)
             assert torch.allclose(first[rows_b], first1, atol=1e-5, rtol=0), b
             assert torch.allclose(after[rows_b], step1(roll.ids[rows_b, 0], start1), atol=1e-5,
                                   rtol=0), b

@@ -140,7 +140,7 @@ def test_per_sample_step_matches_one_update_per_completion(tiny_model):
             if n in start:
                 p.copy_(start[n])
     b, beta, opt = 0.3, 0.05, sgd()
-    for i, (_, one) in enumerate(update._per_sample(episode)):
+    for i, (_, one) in enumerate(update.per_sample_episodes(episode)):
         assert rec["solver_baseline_per_sample"][i] == pytest.approx(b)
         out = update.update_policy(cfg, solver, opt, one, torch.tensor([one.rewards[0] - b]),
                                   beta, train.Dist())

@@ -36,7 +36,7 @@ def solver(tiny_model):
 
 
 def _lm_and_head(model):
-    return vlm._core(model).language_model, model.get_output_embeddings()
+    return vlm.core_model(model).language_model, model.get_output_embeddings()
 
 
 # float16 only where this CPU has float16 matmuls (older torch CPU builds lack them).
@@ -57,7 +57,7 @@ def test_lean_decode_step_reproduces_hf_layers(tiny_model, dtype, fold):
     p, n, steps = prompt.inputs, 3, 32
     with torch.no_grad(), vlm.acting(policy) as model:
         model.eval()
-        core, head = vlm._core(model), model.get_output_embeddings()
+        core, head = vlm.core_model(model), model.get_output_embeddings()
         lora = {q.dtype for name, q in model.named_parameters() if "lora_" in name}
         assert head.weight.dtype == getattr(torch, dtype) and lora == {torch.float32}
         lean = sampling.LeanDecoder.build(core.language_model, head, fold=fold)
@@ -66,7 +66,7 @@ def test_lean_decode_step_reproduces_hf_layers(tiny_model, dtype, fold):
                                      image_grid_thw=p["image_grid_thw"],
                                      attention_mask=p["attention_mask"])
         out = core(**{k: p[k] for k in ("input_ids", "attention_mask", "mm_token_type_ids")},
-                   position_ids=pos, **vlm._mm_kwargs(prompt, 1), use_cache=True)
+                   position_ids=pos, **vlm.vision_inputs(prompt, [0]), use_cache=True)
         cache = out.cache
         cache.batch_repeat_interleave(n)
         kv = [sampling.KVBuffer(layer.keys, layer.values, steps + 1) for layer in cache.layers]
@@ -125,12 +125,12 @@ def test_greedy_decode_matches_hf_generate(solver):
     with torch.no_grad(), vlm.acting(policy) as model:
         model.eval()
         eos = model.generation_config.eos_token_id
-        ours = sampling.decode(vlm._core(model), model.get_output_embeddings(), prompt.inputs,
-                               vlm._mm_kwargs(prompt, 1), 2, Sampling(0, max_new_tokens=24),
+        ours = sampling.decode(vlm.core_model(model), model.get_output_embeddings(), prompt.inputs,
+                               vlm.vision_inputs(prompt, [0]), 2, Sampling(0, max_new_tokens=24),
                                suppress=suppress, eos=eos, pad=0).ids
         hf = model.generate(**{k: prompt.inputs[k] for k in ("input_ids", "attention_mask",
                                                               "mm_token_type_ids")},
-                            **vlm._mm_kwargs(prompt, 1), do_sample=False, max_new_tokens=24,
+                            **vlm.vision_inputs(prompt, [0]), do_sample=False, max_new_tokens=24,
                             suppress_tokens=suppress)[:, prompt.length:]
     length = hf.shape[1]
     assert ours.shape[1] == length and (ours == hf[0]).all()
@@ -159,8 +159,8 @@ def test_rows_after_eos_emit_pad_and_stop_ends_early(solver):
 
     with torch.no_grad(), vlm.acting(policy) as model:
         model.eval()
-        args = (vlm._core(model), model.get_output_embeddings(), prompt.inputs,
-                vlm._mm_kwargs(prompt, 1))
+        args = (vlm.core_model(model), model.get_output_embeddings(), prompt.inputs,
+                vlm.vision_inputs(prompt, [0]))
         stopped = sampling.decode(*args, 2, Sampling(max_new_tokens=20), eos=[7], pad=0,
                                   stop=stop).ids
         torch.manual_seed(3)  # odd ids end a row, so rows end at different steps
