@@ -392,7 +392,7 @@ def _optimizer_state(saved_all: dict, role: str, optimizer) -> dict:
             _need(t.dim() == 0 or tuple(t.shape) == shape,
                   f"{where}state.{key}.{name} has shape {tuple(t.shape)}, its parameter {shape}")
         restored[int(key)] = entry
-    # JSON has no tuples; AdamW's betas was one
+    # JSON has no tuples; AdamW's betas is one
     groups = [{k: tuple(v) if isinstance(v, list) and k != "params" else v
                for k, v in g.items()} for g in groups]
     return {"state": restored, "param_groups": groups}

@@ -254,7 +254,7 @@ class Config:
             if saved.get(role) != text:
                 source = getattr(self, f"{role}_prompt_file") or "the built-in prompt"
                 return (f"another {role} prompt than {source}; resume with the same "
-                        f"--{role}_prompt_file (its text is saved in trainer_state.pt) or use "
+                        f"--{role}_prompt_file (its text is saved in trainer_state.json) or use "
                         f"another --wandb_run_name")
         return None
 

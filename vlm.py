@@ -1,5 +1,6 @@
-"""Model side of iReasoner: loading, LoRA adapters, batched sampling, completion log-probs, KL
-and step embeddings. Everything here takes token ids, never re-tokenized text.
+"""Model side of iReasoner: loading, LoRA adapters, prompts and their vision inputs, batched
+sampling (the loop itself is sampling.py), step embeddings, and saving a role. Completion
+log-probs and the KL are update.py's. Everything here takes token ids, never re-tokenized text.
 
     python -m pytest tests/test_vlm.py -q
 """

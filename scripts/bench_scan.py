@@ -4,8 +4,8 @@
     python scripts/bench_scan.py --files 20000 --root scan-small
 
 Generates ROOT/data/<4 subfolders>/<50 folders>/<10 folders>/img_N.png (tiny valid PNGs; the
-scan never opens them), then times, in one process: the previous scan (os.walk + a stat per
-file, kept here for the ratio), the pool's scan (os.scandir, d_type only), building the
+scan never opens them), then times, in one process: a plain scan (os.walk + a stat per
+file, the yardstick of the ratio), the pool's scan (os.scandir, d_type only), building the
 ImagePool (scan + sort), and the first image the trainer would get (pool.get(0)). Memory is
 the Python allocation peak of building the pool (tracemalloc) and the process's peak RSS.
 Also checks that two pools (as on two ranks) give the same seeded order.
@@ -46,8 +46,8 @@ def make_tree(data: str, files: int) -> None:
     open(done, "w").close()
 
 
-def previous_scan(root: str) -> list[str]:
-    """The walker this replaced: os.walk, realpath per folder, os.path.isfile (a stat) per file."""
+def plain_scan(root: str) -> list[str]:
+    """The plain walker: os.walk, realpath per folder, os.path.isfile (a stat) per file."""
     found, visited = [], set()
     for sub in sorted(os.listdir(root)):
         for dirpath, dirnames, filenames in os.walk(os.path.join(root, sub), followlinks=True):
@@ -86,7 +86,7 @@ def main() -> int:
     print(f"tree: {args.files} files in 2000 folders under {data} (made/checked in {made:.1f} s)")
     # warm the dentry cache the same way for both walkers, then time each in turn
     D.find_images(data, [])
-    old, t_old = timed(lambda: previous_scan(data))
+    old, t_old = timed(lambda: plain_scan(data))
     new, t_new = timed(lambda: D.find_images(data, []))
     assert sorted(old) == sorted(new) and len(new) == args.files, (len(old), len(new))
     del old, new
@@ -103,7 +103,7 @@ def main() -> int:
     tracemalloc.stop()
     other = D.ImagePool(data, [], seed=42, max_pixels=256 * 28 * 28)  # as a second rank builds it
     assert other.order(0) == pool.order(0) and other.fingerprint() == pool.fingerprint()
-    print(f"previous scan (os.walk + stat per file): {t_old:.2f} s")
+    print(f"plain scan (os.walk + stat per file):    {t_old:.2f} s")
     print(f"pool scan (os.scandir, d_type):           {t_new:.2f} s  ({t_old / t_new:.1f}x faster)")
     print(f"ImagePool built (scan + sort):            {t_pool:.2f} s")
     print(f"first training image (pool + get(0)):     {t_first:.2f} s  {os.path.basename(path)} "
