@@ -199,6 +199,44 @@ def load_backbone(name: str, dtype: torch.dtype, device_map: str, attn_implement
 
 
 # ---------------------------------------------------------------- the per-step log
+# The keys of a log record (one per image per step), in log order, grouped by where their values
+# are made. A record holds exactly these keys: adding one is a line here plus its value where
+# its group is made (a key without a value raises KeyError).
+IMAGE_KEYS = ("step", "rank", "image_index", "image_path", "question", "proposer_output",
+              "solver_outputs")                                   # train.train_step
+REWARD_KEYS = ("answers", "answers_norm", "pre_answer_words", "steps_per_sample",
+               "dominant_answer", "dominant_count", "answer_entropy", "reward_outcome",
+               "reward_steps", "step_reward_weight", "reward_final", "proposer_reward",
+               "step_info")                                       # rewards.compute_rewards
+ROLE_KEYS = {"baseline_before": "{role}_baseline_before", "kl": "{role}_kl",
+             "kl_coef_before": "kl_coef_{role}_before", "kl_coef_after": "kl_coef_{role}_after",
+             "loss": "{role}_loss"}                               # update.update_role
+PER_SAMPLE_KEYS = {"baseline_per_sample": "{role}_baseline_per_sample",
+                   "kl_coef_per_sample": "kl_coef_{role}_per_sample",
+                   "kl_per_sample": "{role}_kl_per_sample"}       # ... with --update_mode per_sample
+SIGNAL_KEYS = ("distinct_completions", "completion_lengths", "completions_clipped",
+               "token_entropy")                                   # train.sampling_signals
+STEP_KEYS = ("proposer_updated", "skipped_images", "solver_param_checksum", "nonfinite_skips",
+             "seconds", "generated_tokens")                       # train.train_step
+
+
+def role_fields(role: str, values: dict | None, per_sample: bool) -> dict:
+    """A role's update keys (ROLE_KEYS, and PER_SAMPLE_KEYS when `per_sample`) named for `role`,
+    from `values` by short name; None: the role was not updated this step, its keys are null."""
+    names = {**ROLE_KEYS, **(PER_SAMPLE_KEYS if per_sample else {})}
+    values = dict.fromkeys(names) if values is None else values
+    return {template.format(role=role): values[name] for name, template in names.items()}
+
+
+def log_record(image: dict, rewards: dict, signals: dict, roles: dict, step: dict) -> dict:
+    """One log record from its groups: `image` (IMAGE_KEYS), the image's compute_rewards result
+    (REWARD_KEYS), its sampling signals (SIGNAL_KEYS), both roles' role_fields, and `step`
+    (STEP_KEYS)."""
+    pick = lambda values, keys: {k: values[k] for k in keys}  # noqa: E731
+    return {**pick(image, IMAGE_KEYS), **pick(rewards, REWARD_KEYS),
+            **pick(signals, SIGNAL_KEYS), **roles, **pick(step, STEP_KEYS)}
+
+
 def start_wandb(cfg, run_name: str, run_dir: str, st):
     """A W&B run (None when disabled); its id lives in the trainer state, so a resume continues it."""
     if cfg.wandb_mode == "disabled":

@@ -22,6 +22,7 @@ import torch
 import rewards as R
 from config import Config
 from distributed import Dist, TrainingError
+from runtime import role_fields
 from sampling import Sampling, tempered_logprobs
 from vlm import Policy, Prompt, Rollout, acting, core_model, reference, vision_inputs
 
@@ -140,13 +141,12 @@ def update_role(cfg: Config, role: str, policies: dict, optimizers: dict, episod
         st.baseline[role] = R.update_ema_baseline(st.baseline[role], all_rewards,
                                                   cfg.baseline_momentum)
         _adapt_kl_coef(cfg, role, st, per["kl"][-1], out["finite"])
-    rec = {f"{role}_baseline_before": b, f"{role}_kl": sum(per["kl"]) / len(per["kl"]),
-           f"kl_coef_{role}_before": beta, f"kl_coef_{role}_after": st.kl_coef[role],
-           f"{role}_loss": sum(per["loss"]) / len(per["loss"])}
-    if cfg.update_mode == "per_sample":
-        rec.update({f"{role}_baseline_per_sample": per["baseline"],
-                    f"kl_coef_{role}_per_sample": per["kl_coef"], f"{role}_kl_per_sample": per["kl"]})
-    return rec
+    values = {"baseline_before": b, "kl": sum(per["kl"]) / len(per["kl"]),
+              "kl_coef_before": beta, "kl_coef_after": st.kl_coef[role],
+              "loss": sum(per["loss"]) / len(per["loss"]),
+              "baseline_per_sample": per["baseline"], "kl_coef_per_sample": per["kl_coef"],
+              "kl_per_sample": per["kl"]}
+    return role_fields(role, values, per_sample=cfg.update_mode == "per_sample")
 
 
 def per_sample_episodes(episode: Episode) -> list[tuple[int, Episode]]:

@@ -173,15 +173,14 @@ def timed_step(label: str, split: Split, step: int, run_step) -> dict:
             "wall": dict(split.wall), "cpu": dict(split.cpu)}
 
 
-def run_ours(cfg, args, policies, optimizers, pool, st, dist, stop) -> dict[int, list[dict]]:
+def run_ours(run, args) -> dict[int, list[dict]]:
     """args.steps steps at each --images_per_step value, interleaved (step 1 at every B, then
     step 2, ...) so that a shared machine's changing load falls on all of them alike. Each
     record carries the peak memory of its own step."""
-    split = Split(args.device)
+    split, cfg = Split(args.device), run.cfg
 
     def run_step(step):
-        records = train.train_step(cfg, policies, optimizers, pool, st, step, dist, stop,
-                                   timer=split.phase)
+        records = train.train_step(run, step, timer=split.phase)
         if records is None:
             raise SystemExit("interrupted by a signal")
         split.tokens += sum(r["generated_tokens"] for r in records)  # one record per image
@@ -364,7 +363,9 @@ def main(argv=None) -> dict:
     load = [os.getloadavg()[0]]
     memory = "peak " + ("CUDA allocated" if args.device == "cuda" else "RSS")
     batched = []
-    for b, records in run_ours(cfg, args, policies, optimizers, pool, st, dist, stop).items():
+    run = train.Run(cfg=cfg, dist=dist, name="bench", dir=args.runs, pool=pool, policies=policies,
+                    optimizers=optimizers, st=st, stop=stop)
+    for b, records in run_ours(run, args).items():
         s = summarize(records)
         # The first round runs the B's in ascending order, before any larger B has grown the
         # process (freed memory is not always returned to the OS): its peak is this B's own.

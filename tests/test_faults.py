@@ -257,7 +257,9 @@ def test_kill_before_first_checkpoint_empties_the_log(tiny_model, image_dir, tmp
     (run_dir / "iter_log.jsonl").write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "ra')
     cfg = parse_config(train_args(tiny_model, image_dir, str(tmp_path), "r"))
     st = train.TrainState(kl_coef={r: cfg.kl_coef for r in train.ROLES})
-    assert train.resume(cfg, str(run_dir), {}, {}, st, Dist()) is None
+    run = train.Run(cfg=cfg, dist=Dist(), name="r", dir=str(run_dir), pool=None, policies={},
+                    optimizers={}, st=st)
+    assert train.resume(run) is None
     assert st.step == 0
     assert (run_dir / "iter_log.jsonl").read_text() == ""
     assert os.listdir(run_dir) == ["iter_log.jsonl"]

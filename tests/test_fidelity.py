@@ -161,7 +161,7 @@ def test_proposer_update_freq_0_leaves_the_proposer_bit_identical(published_run,
     assert [r["proposer_updated"] for r in records] == [False, False]
     cfg = Config(solver_model=tiny_model, proposer_model=tiny_model, use_lora_solver=True,
                  use_lora_proposer=True, dtype="float32", device_map="cpu")
-    seed_all(cfg.seed)  # as run_training seeds before building the models
+    seed_all(cfg.seed)  # as train.start_run seeds before building the models
     fresh = vlm.build_policies(cfg)["proposer"]
     init = get_peft_model_state_dict(fresh.model, adapter_name="proposer")
     ckpt = published_run["run"] / "step_00002"
