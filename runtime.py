@@ -8,6 +8,8 @@ rank, atomic writes, and the per-step log (iter_log.jsonl and W&B).
   cheapest first, and raises UserError("cannot load model NAME: CAUSE").
 - atomic_dir / write_text: write to a temporary, then rename, so a file or folder under its
   final name is either complete or absent.
+- the log schema (IMAGE_KEYS ... STEP_KEYS): the one list of a record's keys, from which
+  log_record and role_fields build every record of iter_log.jsonl.
 
     python -m pytest tests/test_train.py tests/test_reliability.py -q
 """

@@ -138,7 +138,7 @@ def test_malformed_state_is_one_line_naming_folder_and_problem(kind, saved_run, 
 
 
 def write_old_format(step_dir: str) -> None:
-    """The trainer_state.pt the previous trainer wrote: one pickle of tuples, numpy arrays,
+    """A trainer_state.pt in the pickled format (OLD_STATE_FILE): one pickle of tuples, numpy arrays,
     tensors and torch's optimizer state_dicts (int keys, tuple betas)."""
     s = checkpoint.read_state(step_dir)
     rng = [{"python": (r["python"][0], tuple(r["python"][1]), r["python"][2]),
