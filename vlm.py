@@ -165,20 +165,14 @@ def chat_text(processor, text: str) -> str:
 
 
 def make_prompt(policy: Policy, image, text: str, image_features=None) -> Prompt:
-    """Run the processor once; encode the image once unless the vision tower is trained."""
-    chat = chat_text(policy.processor, text)
-    inputs = policy.processor(text=[chat], images=[image], return_tensors="pt")
-    inputs = {k: v.to(policy.device) for k, v in inputs.items()}
-    if image_features is None and not policy.vision_trainable:
-        image_features = encode_image(policy.model, inputs)
-    return Prompt(inputs, image_features)
+    """make_prompts for one (image, text): one unpadded prompt row."""
+    return make_prompts(policy, [image], [text], image_features)
 
 
 def make_prompts(policy: Policy, images: list, texts: list[str], image_features=None) -> Prompt:
-    """One prompt row per (image, text). One image is make_prompt's unpadded prompt; several are
-    left-padded to one length (attention mask 0 on the padding) and encoded in one vision call."""
-    if len(images) == 1:
-        return make_prompt(policy, images[0], texts[0], image_features)
+    """One prompt row per (image, text), through the processor once: several rows are left-padded
+    to one length (attention mask 0 on the padding; one row has none). The images are encoded in
+    one vision call, unless the vision tower is trained."""
     chats = [chat_text(policy.processor, text) for text in texts]
     inputs = policy.processor(text=chats, images=images, padding=True, padding_side="left",
                               return_tensors="pt")
@@ -192,8 +186,8 @@ def make_prompts(policy: Policy, images: list, texts: list[str], image_features=
 def encode_image(model, inputs) -> BaseModelOutputWithPooling:
     # LoRA lives in the language model only, so the vision output is the same for every
     # adapter, for the reference and for all N samples: compute it once per image.
-    return core_model(model).get_image_features(inputs["pixel_values"], inputs["image_grid_thw"],
-                                           return_dict=True)
+    return core_model(model).get_image_features(inputs["pixel_values"],
+                                                inputs["image_grid_thw"], return_dict=True)
 
 
 def vision_inputs(prompt: Prompt, owner: list[int]) -> dict:
