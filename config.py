@@ -24,6 +24,7 @@ BASELINES = ("ema", "group")
 UPDATE_MODES = ("batched", "per_sample")
 KL_ESTIMATORS = ("exact", "k3")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+ROLLOUT_ENGINES = ("hf", "vllm")
 
 
 def _help(text: str, aliases: tuple[str, ...] = (), **kw):
@@ -98,6 +99,19 @@ class Config:
     lean_decode: bool = _help("Sample with the lean decode step where the model allows it "
                               "(--no_lean_decode: always the HF layers; same samples, slower).",
                               default=True)
+    rollout_engine: str = _help(f"Who samples the rollouts: one of {ROLLOUT_ENGINES}. hf: our own "
+                                f"loop over the HF model; vllm: an in-process vLLM engine per "
+                                f"rank serving both LoRA adapters (docs/vllm.md).", default="hf")
+    rollout_is_cap: float = _help("vllm only: weight each token's REINFORCE term by "
+                                  "min(pi_train/pi_rollout, C), truncated importance sampling "
+                                  "against engine/trainer mismatch (0 = off).", default=0.0)
+    vllm_gpu_memory_utilization: float = _help(
+        "vllm on a GPU: the share of the GPU's memory the engine may take (weights + KV cache), "
+        "beside the trainer's own copy.", default=0.3)
+    vllm_cpu_kv_cache_gib: int = _help("vllm on the CPU: its KV cache in GiB "
+                                       "(VLLM_CPU_KVCACHE_SPACE).", default=1)
+    vllm_enforce_eager: bool = _help("vllm on a GPU: no CUDA graphs or torch.compile (faster "
+                                     "start, slower steps; always so on the CPU).", default=False)
     proposer_prompt_file: str = _help("UTF-8 text file replacing the Proposer prompt.", default="")
     solver_prompt_file: str = _help("UTF-8 text file replacing the Solver prompt; must contain "
                                     "{question}.", default="")
@@ -235,6 +249,27 @@ class Config:
         _check(bool(self.lora_targets_list) or not lora_flags,
                f"--lora_targets is empty but {lora_flags} is set: name at least one module, "
                f"e.g. q_proj,v_proj")
+        _check(self.rollout_engine in ROLLOUT_ENGINES,
+               f"--rollout_engine must be one of {ROLLOUT_ENGINES}, got {self.rollout_engine!r}")
+        if self.rollout_engine == "vllm":
+            # Full fine-tuning would mean reloading the engine's weights after every update, and
+            # a second base a second engine: both are refused rather than run slowly.
+            _check(self.use_lora_solver and self.use_lora_proposer
+                   and self.solver_model == self.proposer_model and self.freeze_vision,
+                   "--rollout_engine vllm serves both roles as LoRA adapters of one frozen base: "
+                   "it needs --use_lora_solver, --use_lora_proposer, one model in --solver_model "
+                   "and --proposer_model, and no --no_freeze_vision (full fine-tuning, two bases "
+                   "or a trained vision tower: --rollout_engine hf)")
+        _check(self.rollout_is_cap >= 0,
+               f"--rollout_is_cap must be >= 0, got {self.rollout_is_cap}")
+        _check(not self.rollout_is_cap or self.rollout_engine == "vllm",
+               "--rollout_is_cap corrects for a rollout engine other than the trainer: it needs "
+               "--rollout_engine vllm")
+        _check(0 < self.vllm_gpu_memory_utilization <= 1,
+               f"--vllm_gpu_memory_utilization must be in (0, 1], got "
+               f"{self.vllm_gpu_memory_utilization}")
+        _check(self.vllm_cpu_kv_cache_gib >= 1,
+               f"--vllm_cpu_kv_cache_gib must be >= 1, got {self.vllm_cpu_kv_cache_gib}")
         _check(self.images_per_step == 1 or self.update_mode != "per_sample",
                f"--update_mode per_sample conflicts with --images_per_step "
                f"{self.images_per_step}: per_sample steps image by image, as published; use "

@@ -212,7 +212,9 @@ REWARD_KEYS = ("answers", "answers_norm", "pre_answer_words", "steps_per_sample"
                "step_info")                                       # rewards.compute_rewards
 ROLE_KEYS = {"baseline_before": "{role}_baseline_before", "kl": "{role}_kl",
              "kl_coef_before": "kl_coef_{role}_before", "kl_coef_after": "kl_coef_{role}_after",
-             "loss": "{role}_loss"}                               # update.update_role
+             "loss": "{role}_loss",
+             # mean |sampler's log-prob - the update's| per completion token (vllm_engine.py)
+             "logprob_diff": "{role}_logprob_diff"}               # update.update_role
 PER_SAMPLE_KEYS = {"baseline_per_sample": "{role}_baseline_per_sample",
                    "kl_coef_per_sample": "kl_coef_{role}_per_sample",
                    "kl_per_sample": "{role}_kl_per_sample"}       # ... with --update_mode per_sample
@@ -220,6 +222,9 @@ SIGNAL_KEYS = ("distinct_completions", "completion_lengths", "completions_clippe
                "token_entropy")                                   # train.sampling_signals
 STEP_KEYS = ("proposer_updated", "skipped_images", "solver_param_checksum", "nonfinite_skips",
              "seconds", "generated_tokens")                       # train.train_step
+
+
+ROLES_LOGGED = ("solver", "proposer")
 
 
 def role_fields(role: str, values: dict | None, per_sample: bool) -> dict:
@@ -294,6 +299,9 @@ def log_wandb(run, records: list[dict], images_every: int = 0) -> None:
     if r["proposer_updated"]:
         data.update({"proposer/kl": r["proposer_kl"], "proposer/kl_coef": r["kl_coef_proposer_after"],
                      "proposer/loss": r["proposer_loss"]})
+    for role in ROLES_LOGGED:  # the sampler's log-probs against the update's
+        if r[f"{role}_logprob_diff"] is not None:
+            data[f"{role}/logprob_diff"] = r[f"{role}_logprob_diff"]
     table = wandb.Table(columns=["question", "answers", "dominant"],
                         data=[[x["question"], " | ".join(x["answers"]), x["dominant_answer"]]
                               for x in records])

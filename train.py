@@ -33,6 +33,7 @@ from runtime import (append_log, keep_freed_memory, log_record, log_wandb, rng_s
                      seed_all, set_rng_state, start_wandb, step_signals)
 from sampling import decode_path
 from update import Episode, update_role
+import vllm_engine
 from vlm import (ROLES, build_policies, core_model, generate, image_sizing, log_sampling,
                  make_prompts, role_sampling, step_embedder)
 
@@ -83,6 +84,7 @@ class Run:
     optimizers: dict              # role -> AdamW
     st: TrainState
     stop: Stop | None = None      # set by loop(): signals are caught from its start
+    engine: object | None = None  # --rollout_engine vllm: the rank's vllm_engine.VLLMEngine
 
     @property
     def log_path(self) -> str:
@@ -96,25 +98,33 @@ def no_timer(phase: str):
     return nullcontext()
 
 
-def rollout(cfg: Config, policies: dict, images: list, stop: Stop,
-            timer=no_timer) -> dict[str, Episode]:
+def rollout(cfg: Config, policies: dict, images: list, stop: Stop, timer=no_timer,
+            engine=None, key: tuple = (0, 0)) -> dict[str, Episode]:
     """The Proposer writes one question per image, all in one batched call; the Solver samples
-    N answers to each, all B*N in one batched call."""
+    N answers to each, all B*N in one batched call. Sampled by our own loop, or by `engine`
+    (vllm_engine.py) with request seeds from `key` = (step, rank)."""
     proposer, solver = policies["proposer"], policies["solver"]
+
+    def sample(policy, prompt, texts, n):
+        if engine is None:
+            return generate(policy, prompt, n, role_sampling(cfg, policy), stop=stop)
+        seeds = [vllm_engine.request_seed(cfg.seed, *key, b, policy.role)
+                 for b in range(len(images))]
+        return engine.generate(policy, prompt, texts, images, n, role_sampling(cfg, policy),
+                               stop=stop, seeds=seeds)
+
+    p_texts = [proposer_prompt(cfg.proposer_prompt_text)] * len(images)
     with timer("prompts"):
-        p_prompt = make_prompts(proposer, images,
-                                [proposer_prompt(cfg.proposer_prompt_text)] * len(images))
+        p_prompt = make_prompts(proposer, images, p_texts)
     with timer("proposer_generate"):
-        p_roll = generate(proposer, p_prompt, 1, role_sampling(cfg, proposer), stop=stop)
+        p_roll = sample(proposer, p_prompt, p_texts, 1)
     questions = [extract_question(text) for text in p_roll.texts]
     shared = p_prompt.image_features if proposer.model is solver.model else None
+    s_texts = [solver_prompt(q, cfg.solver_prompt_text) for q in questions]
     with timer("prompts"):
-        s_prompt = make_prompts(solver, images,
-                                [solver_prompt(q, cfg.solver_prompt_text) for q in questions],
-                                image_features=shared)
+        s_prompt = make_prompts(solver, images, s_texts, image_features=shared)
     with timer("solver_generate"):
-        s_roll = generate(solver, s_prompt, cfg.num_solver_samples, role_sampling(cfg, solver),
-                          stop=stop)
+        s_roll = sample(solver, s_prompt, s_texts, cfg.num_solver_samples)
     return {"proposer": Episode(p_prompt, p_roll, []), "solver": Episode(s_prompt, s_roll, [])}
 
 
@@ -126,7 +136,7 @@ def train_step(run: Run, step: int, timer=no_timer) -> list[dict] | None:
     t0, B, N = time.time(), cfg.images_per_step, cfg.num_solver_samples
     first = ((step - 1) * dist.world + dist.rank) * B  # ranks take consecutive blocks of B
     paths, images = zip(*[run.pool.get(first + b) for b in range(B)])
-    eps = rollout(cfg, policies, list(images), run.stop, timer)
+    eps = rollout(cfg, policies, list(images), run.stop, timer, run.engine, (step, dist.rank))
     if dist.any(bool(run.stop.signum)):
         return None
     solver, s_ep, p_ep = policies["solver"], eps["solver"], eps["proposer"]
@@ -136,10 +146,16 @@ def train_step(run: Run, step: int, timer=no_timer) -> list[dict] | None:
     s_ep.rewards = [r for rw in rws for r in rw["reward_final"]]
     p_ep.rewards = [rw["proposer_reward"] for rw in rws]
     roles = update_role(cfg, "solver", policies, run.optimizers, s_ep, st, dist, timer)
+    if run.engine is not None:  # the next rollout must come from the new weights
+        with timer("solver_sync"):
+            run.engine.sync("solver", solver)
     proposer_updated = cfg.proposer_update_freq > 0 and step % cfg.proposer_update_freq == 0
     roles.update(update_role(cfg, "proposer", policies, run.optimizers, p_ep, st, dist, timer)
                  if proposer_updated else
                  role_fields("proposer", None, per_sample=cfg.update_mode == "per_sample"))
+    if proposer_updated and run.engine is not None:
+        with timer("proposer_sync"):
+            run.engine.sync("proposer", policies["proposer"])
     sync_bad_images(run.pool, st, dist)
     # Ranks must hold identical adapters; the checksum in every record lets anyone check.
     # float64 accumulation without float64 copies of the weights, and one device sync.
@@ -228,6 +244,9 @@ def start_run(cfg: Config, dist: Dist):
         policies, optimizers = build_models(cfg, pool)
         if dist.is_main:  # which decode step sampling runs, and why: a slow path must not be silent
             for role, p in policies.items():
+                if cfg.rollout_engine == "vllm":
+                    log.info("%s rollouts: vLLM, one in-process engine per rank", role)
+                    continue
                 log.info("%s decode path: %s (%s)", role, *decode_path(
                     core_model(p.model).language_model, p.model.get_output_embeddings(),
                     cfg.lean_decode))
@@ -239,7 +258,13 @@ def start_run(cfg: Config, dist: Dist):
         if dist.is_main:
             print(f"run {name}: " + (f"resuming from {resumed} at step {run.st.step + 1}"
                                      if resumed else "starting at step 1"), flush=True)
-        yield run
+        if cfg.rollout_engine == "vllm":  # after resume: serves the adapters training goes on from
+            run.engine = vllm_engine.start(cfg, policies, dist, pool.max_pixels, pool.factor)
+        try:
+            yield run
+        finally:
+            if run.engine is not None:
+                run.engine.close()
 
 
 def resume(run: Run) -> str | None:

@@ -41,13 +41,18 @@ class Episode:
 
 
 def accumulate_gradients(cfg: Config, policy: Policy, episode: Episode, advantages: torch.Tensor,
-                         beta: float, norm: tuple | None = None) -> tuple[float, float]:
+                         beta: float, norm: tuple | None = None,
+                         stats: dict | None = None) -> tuple[float, float]:
     """Backward of loss = mean_i(A_i NLL_i) + beta KL over all completions (of all the step's
     images), adding into .grad. Chunks of update_micro_batch completions sum to exactly the
     unchunked gradient, and only one chunk's [rows, L, V] tensors are alive at a time. `norm`
     (completions, tokens) replaces the episode's own counts in the two means: an episode that is
     part of a larger batch then adds its exact share of that batch's gradient.
-    Returns (loss, KL summed over tokens)."""
+    A rollout that carries its sampler's log-probs (our loop's, or vllm_engine.py's) adds their
+    absolute difference from this forward's, summed over tokens, to stats["logprob_diff_sum"];
+    with --rollout_is_cap C each token's REINFORCE term is weighted by min(pi_train/pi_rollout,
+    C) (truncated importance sampling, the weight a constant). Returns (loss, KL summed over
+    tokens)."""
     ids, mask = episode.rollout.ids, episode.rollout.mask
     n, tokens = ids.shape[0], mask.sum().clamp(min=1)
     if norm is not None:
@@ -66,7 +71,15 @@ def accumulate_gradients(cfg: Config, policy: Policy, episode: Episode, advantag
             logits = completion_logits(model, episode.prompt, ids[part], mask[part], own)
             tok_logp, logp = token_logprobs(logits, ids[part], temperature)
             m = mask[part].float()
-            nll = -(tok_logp * m).sum(1) / m.sum(1).clamp(min=1)
+            weight = m
+            if episode.rollout.logprobs is not None:
+                gap = (tok_logp.detach() - episode.rollout.logprobs[part].to(m.device)) * m
+                if stats is not None:
+                    stats["logprob_diff_sum"] = (stats.get("logprob_diff_sum", 0.0)
+                                                 + gap.abs().sum().item())
+                if cfg.rollout_is_cap:
+                    weight = m * gap.exp().clamp(max=cfg.rollout_is_cap)
+            nll = -(tok_logp * weight).sum(1) / m.sum(1).clamp(min=1)
             kl = (kl_per_token(logp, ref_logp, ids[part], cfg.kl_estimator) * m).sum()
             loss = (advantages[part].to(nll.device) * nll).sum() / n + beta * kl / tokens
             loss.backward()
@@ -82,7 +95,8 @@ def update_policy(cfg: Config, policy: Policy, optimizer, episode: Episode,
     A non-finite loss or gradient on any rank skips the step on all ranks."""
     params = policy.parameters()
     optimizer.zero_grad(set_to_none=True)
-    loss, kl_sum = accumulate_gradients(cfg, policy, episode, advantages, beta)
+    stats = {}
+    loss, kl_sum = accumulate_gradients(cfg, policy, episode, advantages, beta, stats=stats)
     dist.average_gradients(params)
     grad_norm = clip_gradients(params, cfg.grad_clip, cfg.grad_clip_per_device)
     finite = not dist.any(not (math.isfinite(loss) and torch.isfinite(grad_norm).item()))
@@ -90,7 +104,8 @@ def update_policy(cfg: Config, policy: Policy, optimizer, episode: Episode,
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     tokens = max(int(episode.rollout.mask.sum()), 1)
-    return {"loss": loss, "kl": kl_sum / tokens, "grad_norm": grad_norm.item(), "finite": finite}
+    return {"loss": loss, "kl": kl_sum / tokens, "grad_norm": grad_norm.item(), "finite": finite,
+            "logprob_diff_sum": stats.get("logprob_diff_sum"), "tokens": tokens}
 
 
 def clip_gradients(params: list, max_norm: float, per_device: bool = False) -> torch.Tensor:
@@ -126,7 +141,7 @@ def update_role(cfg: Config, role: str, policies: dict, optimizers: dict, episod
     group_adv = R.advantages_for(episode.rewards, None,
                                  len(episode.rewards) // episode.prompt.images)
     parts = per_sample_episodes(episode) if cfg.update_mode == "per_sample" else [(0, episode)]
-    per = {"baseline": [], "kl_coef": [], "kl": [], "loss": []}
+    per = {"baseline": [], "kl_coef": [], "kl": [], "loss": [], "diff": [], "tokens": []}
     for first, part in parts:
         per["baseline"].append(st.baseline[role])
         per["kl_coef"].append(st.kl_coef[role])
@@ -137,6 +152,8 @@ def update_role(cfg: Config, role: str, policies: dict, optimizers: dict, episod
                                 st.kl_coef[role], dist)
         per["kl"].append(dist.mean(out["kl"]))
         per["loss"].append(out["loss"])
+        per["diff"].append(out["logprob_diff_sum"])
+        per["tokens"].append(out["tokens"])
         all_rewards = [r for rank_rewards in dist.gather(part.rewards) for r in rank_rewards]
         st.baseline[role] = R.update_ema_baseline(st.baseline[role], all_rewards,
                                                   cfg.baseline_momentum)
@@ -145,7 +162,9 @@ def update_role(cfg: Config, role: str, policies: dict, optimizers: dict, episod
               "kl_coef_before": beta, "kl_coef_after": st.kl_coef[role],
               "loss": sum(per["loss"]) / len(per["loss"]),
               "baseline_per_sample": per["baseline"], "kl_coef_per_sample": per["kl_coef"],
-              "kl_per_sample": per["kl"]}
+              "kl_per_sample": per["kl"],
+              "logprob_diff": None if None in per["diff"] else
+              dist.mean(sum(per["diff"]) / max(sum(per["tokens"]), 1))}
     return role_fields(role, values, per_sample=cfg.update_mode == "per_sample")
 
 

@@ -5,6 +5,7 @@
     python scripts/bench.py --preset 3b --device cuda --dtype bfloat16   # Qwen2.5-VL-3B shapes, on a GPU
     python scripts/bench.py --dtype bfloat16 --decode hf --baseline_steps 0  # HF-layer decode step
     python scripts/bench.py --images_per_step 1,4,8 --baseline_steps 0  # batched steps, side by side
+    .compat/vllm/bin/python scripts/bench.py --engines hf,vllm --baseline_steps 0  # rollout engines
 
 Our step is train.train_step itself (rollout -> rewards -> updates); its phases are timed by the
 phase timer train_step takes. The yardstick re-creates the published reference's step
@@ -16,7 +17,9 @@ step by step (so a shared machine's load falls on all alike) and their generated
 compared with the first B's. Random weights rarely emit eos, so every completion runs to
 max_new_tokens. Figures are medians after one warm-up step, with CPU seconds beside wall seconds
 because other processes on a shared machine inflate wall time. The decode step sampling takes
-(lean or HF layers, sampling.decode_path) is printed with its reason before the steps.
+(lean or HF layers, sampling.decode_path) is printed with its reason before the steps. With
+--engines, each engine (our loop with the lean step, with the HF layers, vLLM: vllm_engine.py) runs
+the same train_step in turns and one table compares them; vLLM's figures include its adapter syncs.
 """
 from __future__ import annotations
 
@@ -56,7 +59,8 @@ PRESET_3B = dict(hidden=2048, layers=36, intermediate=11008, heads=16, kv_heads=
                  fullatt_block_indexes="7,15,23,31", max_pixels=1024 * 28 * 28)
 DEFAULT_THREADS = torch.get_num_threads()  # before we change it: what an untouched run uses
 PHASES = ("prompts", "proposer_generate", "solver_generate", "rewards", "solver_update",
-          "proposer_update")
+          "proposer_update", "solver_sync", "proposer_sync")  # sync: vllm only (adapter upload)
+ENGINES = ("hf", "hf_layers", "vllm")  # our loop (--decode decides the step), HF layers, vLLM
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -88,6 +92,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--decode", choices=("auto", "hf"), default="auto",
                    help="decode step: 'auto' (the lean step where sampling.decode_path allows it) "
                         "or 'hf' (force the HF layers, to measure what the lean step is worth)")
+    p.add_argument("--engines", default="hf",
+                   help="comma-separated rollout engines, timed in turns in one run: hf (our loop, "
+                        "the step --decode picks), hf_layers (our loop, HF layers), vllm (needs "
+                        "vLLM: run bench with .compat/vllm/bin/python, see docs/vllm.md)")
+    p.add_argument("--vllm_gpu_memory_utilization", type=float, default=0.3)
     p.add_argument("--runs", default="runs", help="cache folder for the model and images")
     p.add_argument("--json", default="", help="also write the figures to this JSON file")
     args = p.parse_args(argv)
@@ -98,6 +107,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--images_per_step takes integers like 1,4,8, got {args.images_per_step!r}")
     if not args.images_per_step or min(args.images_per_step) < 1:
         p.error("--images_per_step needs values >= 1")
+    args.engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    if not args.engines or set(args.engines) - set(ENGINES):
+        p.error(f"--engines takes some of {','.join(ENGINES)}, got {args.engines}")
     preset = PRESET_3B if args.preset == "3b" else MODEL_FLAGS
     for name in MODEL_FLAGS:
         if getattr(args, name) is None:
@@ -130,7 +142,8 @@ def make_config(args, model_dir: str, images: str) -> Config:
                   total_steps=max(args.steps, args.baseline_steps), proposer_update_freq=5,
                   kl_estimator="exact", update_micro_batch=args.update_micro_batch,
                   max_pixels=args.max_pixels, output_dir=args.runs, wandb_mode="disabled",
-                  lean_decode=args.decode == "auto")
+                  lean_decode=args.decode == "auto",
+                  vllm_gpu_memory_utilization=args.vllm_gpu_memory_utilization)
 
 
 # ---------------------------------------------------------------- timing
@@ -196,6 +209,65 @@ def run_ours(run, args) -> dict[int, list[dict]]:
     return runs
 
 
+def run_engines(run, args) -> dict[tuple, list]:
+    """run_ours for each --engines entry: (engine, B) pairs take turns step by step, so a shared
+    machine's load falls on all alike. One vLLM engine serves every B (sized for the largest)."""
+    cfg, policies, pool, dist = run.cfg, run.policies, run.pool, run.dist
+    split, engine, engine_mib = Split(args.device), None, 0.0
+    if "vllm" in args.engines:
+        import vllm_engine
+        cfg.images_per_step = max(args.images_per_step)  # its max_num_seqs
+        before = memory_now_mib(args.device)
+        engine = vllm_engine.start(cfg, policies, dist, pool.max_pixels, pool.factor)
+        # What the engine holds (weights, reserved KV cache) is no part of the hf rows' peak.
+        engine_mib = memory_now_mib(args.device) - before
+        print(f"vLLM engine started: {engine_mib:.0f} MiB", flush=True)
+    lean = args.decode == "auto"
+    runs = {(e, b): [] for e in args.engines for b in args.images_per_step}
+    try:
+        for step in range(1, args.steps + 1):
+            for e, b in runs:
+                cfg.images_per_step = b
+                cfg.lean_decode = lean and e == "hf"
+
+                run.engine = engine if e == "vllm" else None
+
+                def run_step(n):
+                    records = train.train_step(run, n, timer=split.phase)
+                    if records is None:
+                        raise SystemExit("interrupted by a signal")
+                    split.tokens += sum(r["generated_tokens"] for r in records)
+
+                reset_peak_memory(args.device)
+                record = timed_step(f"{e} B={b}", split, step, run_step)
+                peak = peak_memory_mib(args.device) - (engine_mib if e != "vllm" else 0.0)
+                runs[(e, b)].append({**record, "peak_memory_mib": peak})
+    finally:
+        cfg.lean_decode = lean
+        cfg.images_per_step = 1
+        run.engine = None
+        if engine is not None:
+            engine.close()
+    return runs
+
+
+def print_engines(rows: list[dict], memory: str) -> None:
+    """One row per (engine, B): s/step, generated tokens/s (per wall and per CPU second of this
+    process), peak memory, and the phases in seconds per step."""
+    shown = [p for p in PHASES if any(r["phases"][p]["wall"] for r in rows)]
+    print("\nrollout engines (same run, in turns):")
+    print(f"  {'engine':<10} {'B':>3} {'s/step':>8} {'gen tok/s':>10} {'tok/cpu-s':>10} "
+          f"{memory + ' MiB':>22} " + " ".join(f"{p:>17}" for p in shown))
+    for r in rows:
+        print(f"  {r['engine']:<10} {r['images_per_step']:>3} {r['seconds_per_step']:8.3f} "
+              f"{r['generated_tokens_per_second']:10.0f} "
+              f"{r['generated_tokens_per_cpu_second']:10.0f} "
+              f"{r['peak_memory_mib']:22.0f} "
+              + " ".join(f"{r['phases'][p]['wall']:17.3f}" for p in shown))
+    print("  (phase columns: wall seconds per step; vllm's peak includes its weights and the KV "
+          "cache it reserves, the other rows' leave them out)")
+
+
 # ---------------------------------------------------------------- the reference-style yardstick
 def run_reference(cfg, args, policies, optimizers, pool, st) -> list[dict]:
     split = Split(args.device)
@@ -242,6 +314,14 @@ def reset_peak_memory(device: str) -> None:
     elif os.path.exists("/proc/self/clear_refs"):
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
+
+
+def memory_now_mib(device: str) -> float:
+    """CUDA memory allocated now, or this process's RSS (VmRSS)."""
+    if device == "cuda":
+        return torch.cuda.memory_allocated() / 2**20
+    with open("/proc/self/status") as f:
+        return int(next(line for line in f if line.startswith("VmRSS:")).split()[1]) / 1024
 
 
 def peak_memory_mib(device: str) -> float:
@@ -365,6 +445,8 @@ def main(argv=None) -> dict:
     batched = []
     run = train.Run(cfg=cfg, dist=dist, name="bench", dir=args.runs, pool=pool, policies=policies,
                     optimizers=optimizers, st=st, stop=stop)
+    if args.engines != ["hf"]:
+        return compare_engines(args, run, memory, load)
     for b, records in run_ours(run, args).items():
         s = summarize(records)
         # The first round runs the B's in ascending order, before any larger B has grown the
@@ -390,6 +472,30 @@ def main(argv=None) -> dict:
         print("note: other processes took CPU time during this run (wall > CPU seconds per thread);"
               " wall-clock figures are inflated, a second thread most of all: compare the CPU "
               "seconds or rerun on a quiet machine")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+        print(f"wrote {args.json}")
+    return result
+
+
+def compare_engines(args, run, memory, load) -> dict:
+    """main() for several --engines: their table, and the JSON (no reference-style steps)."""
+    rows = []
+    for (e, b), records in run_engines(run, args).items():
+        s = summarize(records)
+        s.update(engine=e, threads=torch.get_num_threads(), images_per_step=b, steps=records,
+                 peak_memory_mib=max(r["peak_memory_mib"] for r in records))
+        print_summary(f"{e}, {b} image{'s' if b > 1 else ''} per step", s,
+                      f"{memory} {s['peak_memory_mib']:.0f} MiB")
+        rows.append(s)
+    print_engines(rows, memory)
+    result = {"args": vars(args), "engines": rows,
+              "load_average_1min": load + [os.getloadavg()[0]],
+              "machine_busy": busy(args.device, *rows)}
+    if result["machine_busy"]:
+        print("note: other processes took CPU time during this run (wall > CPU seconds per "
+              "thread): compare the CPU seconds or rerun on a quiet machine")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
