@@ -158,7 +158,8 @@ def test_wandb_logs_the_signals_and_an_image_table_every_k_steps(monkeypatch, tm
            "proposer_reward": 0.5, "step_info": {}, "proposer_updated": False,
            "question": "How many?", "answers": ["3", "4"], "dominant_answer": "3",
            "image_path": str(tmp_path / "a.png"), "distinct_completions": 2,
-           "completion_lengths": [5, 7], "completions_clipped": 1, "token_entropy": 2.0}
+           "completion_lengths": [5, 7], "completions_clipped": 1, "token_entropy": 2.0,
+           "solver_logprob_diff": 1e-7, "proposer_logprob_diff": None}
     for step in (1, 2, 3, 4):
         runtime.log_wandb(run, [{**rec, "step": step}], images_every=2)
     assert [step for step, _ in logged] == [1, 2, 3, 4]
@@ -171,6 +172,7 @@ def test_wandb_logs_the_signals_and_an_image_table_every_k_steps(monkeypatch, tm
             first["completions/max_length"], first["completions/clipped_ratio"],
             first["solver/entropy"], first["train/distinct_completions"]) == (0.0, 6.0, 7, 0.5,
                                                                               2.0, 2.0)
+    assert first["solver/logprob_diff"] == 1e-7 and "proposer/logprob_diff" not in first
 
 
 def test_fixture_carries_the_real_generation_config(real_config_model):
