@@ -25,7 +25,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from data_and_utils import proposer_prompt, solver_prompt
-from tools.tiny import build_tiny_model
+from tools.tiny import build_tiny_model, draw_shape
 
 QUESTION = "What color is the shape?"
 # One colour per RGB channel. With yellow (red + green) as a fourth, the warm-started model
@@ -65,13 +65,7 @@ def draw_scene(rng: random.Random, size: int = 0) -> tuple[Image.Image, str, str
     draw = ImageDraw.Draw(img)
     r = rng.randint(int(size * RADIUS[0]), int(size * RADIUS[1]))
     x, y = rng.randint(r, size - r), rng.randint(r, size - r)
-    fill = COLORS[color]
-    if shape == "square":
-        draw.rectangle([x - r, y - r, x + r, y + r], fill=fill)
-    elif shape == "triangle":
-        draw.polygon([(x, y - r), (x - r, y + r), (x + r, y + r)], fill=fill)
-    else:
-        draw.ellipse([x - r, y - r, x + r, y + r], fill=fill)
+    draw_shape(draw, shape, x, y, r, COLORS[color])
     return img, color, shape
 
 

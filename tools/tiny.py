@@ -290,14 +290,18 @@ def _shapes(rng: random.Random, size: int) -> Image.Image:
     for _ in range(rng.randint(2, 5)):
         x, y, r = rng.randint(20, size - 20), rng.randint(20, size - 20), rng.randint(8, size // 6)
         color = rng.choice(list(COLORS.values()))
-        kind = rng.choice(["square", "triangle", "circle"])
-        if kind == "square":
-            draw.rectangle([x - r, y - r, x + r, y + r], fill=color)
-        elif kind == "triangle":
-            draw.polygon([(x, y - r), (x - r, y + r), (x + r, y + r)], fill=color)
-        else:
-            draw.ellipse([x - r, y - r, x + r, y + r], fill=color)
+        draw_shape(draw, rng.choice(["square", "triangle", "circle"]), x, y, r, color)
     return img
+
+
+def draw_shape(draw: ImageDraw.ImageDraw, kind: str, x: int, y: int, r: int, fill) -> None:
+    """A square, triangle or (any other kind) circle of half-size r centred at (x, y)."""
+    if kind == "square":
+        draw.rectangle([x - r, y - r, x + r, y + r], fill=fill)
+    elif kind == "triangle":
+        draw.polygon([(x, y - r), (x - r, y + r), (x + r, y + r)], fill=fill)
+    else:
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=fill)
 
 
 def make_synthetic_images(out_dir: str, n: int = 12, seed: int = 0, size: int = 224) -> str:
