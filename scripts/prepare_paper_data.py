@@ -41,13 +41,14 @@ class Source:
 
 
 # The paper names the six sources and the total only. Ids: the original release where it is on
-# the hub with images and a train split; else HuggingFaceM4/the_cauldron's subset, which was
-# built from each source's training split (Idefics2's fine-tuning mix).
+# the hub with images and a train split; else HuggingFaceM4/the_cauldron's subset (Idefics2's
+# fine-tuning mix, from the sources' training data; the leakage filter checks it regardless).
 SOURCES = (
     Source("chartqa", "HuggingFaceM4/ChartQA", "the authors' splits (train 28.3k questions)"),
-    Source("ai2d", "HuggingFaceM4/the_cauldron#ai2d", "lmms-lab's ai2d is the test split only"),
+    Source("ai2d", "HuggingFaceM4/the_cauldron#ai2d",
+           "the AI2D copy lmms-eval scores is its test split"),
     Source("infovqa", "HuggingFaceM4/the_cauldron#infographic_vqa",
-           "the lmms-eval copy holds validation and test only"),
+           "lmms-eval's copy is evaluation data"),
     Source("plotqa", "HuggingFaceM4/the_cauldron#plotqa", "PlotQA's train images with datasets"),
     Source("chartx", "", "ChartX (U4R/ChartX) is a zip of PNGs and JSON, no train split: "
            "unzip it and pass the folder"),
@@ -87,8 +88,8 @@ def load(spec: str, default_split: str | None):
         if ext not in ("parquet", "arrow"):
             raise ValueError(f"{path}: expected a .parquet or .arrow file")
         ds = datasets.load_dataset(ext, data_files={split or "train": path})
-    else:
-        ds = datasets.load_dataset(path, name=config)
+    else:  # a hub id (or its local cache), or a local snapshot / image folder
+        ds = datasets.load_dataset(path, name=config, split=split)
     if isinstance(ds, datasets.DatasetDict):
         if split is None:
             return list(ds.values())
@@ -147,8 +148,9 @@ def eval_hashes(specs: list[str], log) -> tuple[set, list, list]:
         try:
             parts = load(spec, None)
         except Exception as e:  # not downloaded, offline, no such id: reported, not fatal
-            missing.append({"eval_set": spec, "why": f"{type(e).__name__}: {str(e).splitlines()[0]}"[:300]})
-            log(f"eval set {spec}: not available ({missing[-1]['why']})")
+            why = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"[:300]
+            missing.append({"eval_set": spec, "why": why})
+            log(f"eval set {spec}: not available ({why})")
             continue
         n = 0
         for ds in parts:
@@ -180,7 +182,8 @@ def draw(source: str, spec: str, count: int, seed: int, out: str, leaked: set, s
     ds = load(spec, "train")
     cols = image_columns(ds)
     if not cols:
-        raise ValueError(f"{source}: {spec} has no image column (columns: {', '.join(ds.features)})")
+        raise ValueError(f"{source}: {spec} has no image column "
+                         f"(columns: {', '.join(ds.features)})")
     id_col = next((c for c in ID_COLUMNS if c in ds.features), None)
     ds = undecoded(ds, cols[:1])
     order = list(range(len(ds)))
@@ -309,7 +312,8 @@ def main(argv=None) -> int:
         print(f"error: {line}" if isinstance(e, ValueError) else
               f"error: {type(e).__name__}: {line}", file=sys.stderr)
         return 2
-    print(f"{len(manifest)} images in {args.out} ({', '.join(f'{k} {v}' for k, v in counts.items())});"
+    per = ", ".join(f"{k} {v}" for k, v in counts.items())
+    print(f"{len(manifest)} images in {args.out} ({per});"
           f" dropped {summary['leaked_dropped']} found in the evaluation sets "
           f"({len(checked)} checked, {len(missing)} not available)")
     return 0

@@ -17,7 +17,8 @@ from test_config import SEED_COMMAND
 
 EXAMPLES = sorted(glob.glob(os.path.join(ROOT, "examples", "*.sh")))
 # Each call's argv goes to ARGV_DIR/<name> (the last call) and CALLS_DIR/<n>.<name> (in order).
-RECORDER = ('#!/bin/sh\nfor a in "$@"; do printf "%s\\0" "$a"; done > "$ARGV_DIR/$(basename "$0")"\n'
+RECORDER = ('#!/bin/sh\n'
+            'for a in "$@"; do printf "%s\\0" "$a"; done > "$ARGV_DIR/$(basename "$0")"\n'
             'cp "$ARGV_DIR/$(basename "$0")" '
             '"$CALLS_DIR/$(ls "$CALLS_DIR" | wc -l | tr -d " ").$(basename "$0")"\n')
 LAUNCHERS = ("python", "torchrun", "accelerate")
