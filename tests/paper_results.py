@@ -5,6 +5,17 @@ task with "<metric>,<filter>", "<metric>_stderr,<filter>", "<metric>_stderr_clt,
 tests/test_paper_tasks.py."""
 from paper_table import BENCHMARKS
 
+# task -> (metric, filter, the metric's own scale), read off lmms-eval 0.7.3's sources, not
+# taken from paper_table: anls, exact_match, mmmu_acc and relaxed_overall aggregate to a fraction
+# (a mean of per-sample scores; mmmu_aggregate_results' "Overall" acc); the judged math tasks'
+# aggregations return round(correct / total * 100, 2). ai2d's one filter is flexible-extract.
+NATIVE = {"infovqa_val": ("anls", "none", 0.01), "ai2d": ("exact_match", "flexible-extract", 0.01),
+          "scienceqa_img": ("exact_match", "none", 0.01), "mmmu_val": ("mmmu_acc", "none", 0.01),
+          "chartqa": ("relaxed_overall", "none", 0.01),
+          "mathvista_testmini_format": ("llm_as_judge_eval", "none", 1),
+          "mathvision_test": ("mathvision_standard_eval", "none", 1),
+          "mathverse_testmini": ("gpt_eval_score", "none", 1)}
+
 
 def evaluator_results(scores: dict[str, float]) -> dict:
     """{task: percent} -> the evaluator's dict, each value in its metric's own scale (a
@@ -14,11 +25,11 @@ def evaluator_results(scores: dict[str, float]) -> dict:
     for b in BENCHMARKS:
         if b.task not in scores:
             continue
-        filt = "flexible-extract" if b.task == "ai2d" else "none"
-        value = scores[b.task] / b.scale
-        entry = {"alias": b.task, f"{b.metric},{filt}": value,
-                 f"{b.metric}_stderr,{filt}": "N/A" if b.scale == 1 else 0.01,
-                 f"{b.metric}_stderr_clt,{filt}": 0.01}
+        metric, filt, scale = NATIVE[b.task]
+        value = scores[b.task] * scale
+        entry = {"alias": b.task, f"{metric},{filt}": value,
+                 f"{metric}_stderr,{filt}": "N/A" if scale == 1 else 0.01,
+                 f"{metric}_stderr_clt,{filt}": 0.01}
         if b.task == "chartqa":  # chartqa's two other metrics come before and after
             entry = {"relaxed_human_split,none": value - 0.05, **entry,
                      "relaxed_augmented_split,none": value + 0.05}
@@ -27,7 +38,7 @@ def evaluator_results(scores: dict[str, float]) -> dict:
             for variant in ("cot", "solution"):
                 results[f"mathvista_testmini_{variant}"] = {
                     "alias": f" - mathvista_testmini_{variant}",
-                    f"{b.metric},none": value - 5.0, f"{b.metric}_stderr,none": "N/A"}
+                    f"{metric},none": value - 5.0, f"{metric}_stderr,none": "N/A"}
             entry["alias"] = " - " + b.task
             subtasks["mathvista_testmini"] = ["mathvista_testmini_cot",
                                               "mathvista_testmini_solution", b.task]
