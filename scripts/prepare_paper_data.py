@@ -152,6 +152,10 @@ def eval_hashes(specs: list[str], log) -> tuple[set, list, list]:
             missing.append({"eval_set": spec, "why": why})
             log(f"eval set {spec}: not available ({why})")
             continue
+        if not any(image_columns(ds) for ds in parts):
+            missing.append({"eval_set": spec, "why": "no image column"})
+            log(f"eval set {spec}: no image column, not checked")
+            continue
         n = 0
         for ds in parts:
             cols = image_columns(ds)

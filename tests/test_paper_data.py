@@ -201,8 +201,12 @@ def test_bad_input_is_one_line(fixtures, tmp_path, capsys, monkeypatch):
 
 def test_an_eval_set_not_available_is_reported_not_fatal(fixtures, tmp_path):
     out = tmp_path / "out"
-    assert prepare(fixtures, out, "--eval_set", str(tmp_path / "absent.parquet"), total=6,
-                   eval_set=False) == 0
+    no_images = tmp_path / "text_only.parquet"  # images stored some other way: not checkable
+    Dataset.from_dict({"question": ["q"]}).to_parquet(str(no_images))
+    assert prepare(fixtures, out, "--eval_set", str(tmp_path / "absent.parquet"),
+                   "--eval_set", str(no_images), total=6, eval_set=False) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["eval_sets_checked"] == []
-    assert summary["eval_sets_not_available"][0]["eval_set"] == str(tmp_path / "absent.parquet")
+    missing = summary["eval_sets_not_available"]
+    assert [m["eval_set"] for m in missing] == [str(tmp_path / "absent.parquet"), str(no_images)]
+    assert missing[1]["why"] == "no image column"
