@@ -366,6 +366,10 @@ def _check_rng(rng, where: str) -> None:
     _need(cuda is None or (isinstance(cuda, list) and all(
         isinstance(t, torch.Tensor) and t.dtype == torch.uint8 for t in cuda)),
         f"{where}cuda is not a list of CUDA generator states")
+    if "cuda_devices" in rng:  # absent in older states, whose list holds every visible device's
+        devices = _typed(rng, "cuda_devices", list, where)
+        _need(all(_is(d, int) and d >= 0 for d in devices) and len(devices) == len(cuda or []),
+              f"{where}cuda_devices does not name one device index per CUDA state")
 
 
 def _optimizer_state(saved_all: dict, role: str, optimizer) -> dict:

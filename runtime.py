@@ -43,29 +43,57 @@ def seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def rng_state() -> dict:
+def rng_state(cuda_devices: list[int] | None = None) -> dict:
     """Every generator a step draws from: saved so a resumed run samples what an unbroken one
     would. Plain data only (lists, numbers, tensors), so a checkpoint stores it as JSON plus
-    safetensors and loading it never unpickles anything (checkpoint.py)."""
+    safetensors and loading it never unpickles anything (checkpoint.py). CUDA: the generators of
+    `cuda_devices` only, the devices this process computes on (devices.cuda_devices: its own
+    under torchrun, every one a --device_map auto model spans; default the current device),
+    named in "cuda_devices". Never every visible device's: that would make a CUDA context on
+    each GPU from every rank."""
     version, keys, gauss = random.getstate()
     name, mt, pos, has_gauss, cached = np.random.get_state()
+    devices = _cuda_devices(cuda_devices)
     return {"python": [version, list(keys), gauss],
             "numpy": {"name": name, "keys": mt.tolist(), "pos": int(pos),
                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
             "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+            "cuda": [torch.cuda.get_rng_state(d) for d in devices] if devices else None,
+            "cuda_devices": devices}
 
 
-def set_rng_state(s: dict) -> None:
-    """Inverse of rng_state. Raises ValueError/TypeError/KeyError on a malformed state."""
+def _cuda_devices(given: list[int] | None) -> list[int]:
+    if not torch.cuda.is_available():
+        return []
+    return [torch.cuda.current_device()] if given is None else list(given)
+
+
+def set_rng_state(s: dict, cuda_devices: list[int] | None = None) -> str | None:
+    """Inverse of rng_state, for a process computing on `cuda_devices` (default the current
+    device): the saved CUDA states go to them in order (a rank's one state to the rank's device,
+    whatever its index now). A state written before "cuda_devices" existed holds every visible
+    device's, by index. Devices without a saved state keep theirs (seeded). Returns a note when
+    states and devices do not match one to one (another number of GPUs), else None. Raises
+    ValueError/TypeError/KeyError on a malformed state."""
     version, keys, gauss = s["python"]
     random.setstate((version, tuple(keys), gauss))
     n = s["numpy"]
     np.random.set_state((n["name"], np.asarray(n["keys"], dtype=np.uint32), n["pos"],
                          n["has_gauss"], n["cached_gaussian"]))
     torch.set_rng_state(s["torch"])
-    if s["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
+    saved = s["cuda"] or []
+    devices = _cuda_devices(cuda_devices)
+    if "cuda_devices" in s:
+        pairs = list(zip(devices, saved))
+    else:  # torch.cuda.get_rng_state_all(): list index = device index
+        pairs = [(d, saved[d]) for d in devices if d < len(saved)]
+    for device, state in pairs:
+        torch.cuda.set_rng_state(state, device)
+    unmatched = len(pairs) != len(devices) or ("cuda_devices" in s and len(saved) != len(devices))
+    if saved and unmatched:
+        return (f"{len(saved)} saved CUDA RNG states for {len(devices)} GPUs now: {len(pairs)} "
+                f"restored, the others seeded; sampling goes on, not as an unbroken run would")
+    return None
 
 
 def keep_freed_memory() -> None:

@@ -93,7 +93,7 @@ def decode(core, head, inputs: dict, mm_kwargs: dict, n: int, sampling: Sampling
     eos = eos_tensor(eos, device)
     banned = torch.tensor(list(suppress), dtype=torch.long, device=device)
     done = torch.zeros(rows, dtype=torch.bool, device=device)
-    seen = (prompt_ids_seen(inputs, n, logits.shape[-1])
+    seen = (prompt_ids_seen(inputs, n, logits.shape[-1], device)
             if sampling.repetition_penalty != 1.0 else None)
     tokens, logprobs, entropies = [], [], []
     for step in range(max_new_tokens):
@@ -132,12 +132,14 @@ def prefill(core, head, inputs: dict, mm_kwargs: dict, n: int, max_new_tokens: i
     return head(out.last_hidden_state[:, -1]).repeat_interleave(n, 0), step, start
 
 
-def prompt_ids_seen(inputs: dict, n: int, vocab: int) -> torch.Tensor:
-    """[rows * n, V] bool: the ids of each row's prompt (its padding left out, so a row's penalty
-    does not depend on its neighbours), n rows per prompt; generated ids are added as they come.
-    HF's repetition penalty reads the same set from input_ids."""
-    ids, mask = inputs["input_ids"], inputs["attention_mask"].bool()
-    seen = torch.zeros(ids.shape[0], vocab, dtype=torch.bool, device=ids.device)
+def prompt_ids_seen(inputs: dict, n: int, vocab: int, device=None) -> torch.Tensor:
+    """[rows * n, V] bool on `device` (the logits'; default the prompt's): the ids of each row's
+    prompt (its padding left out, so a row's penalty does not depend on its neighbours), n rows
+    per prompt; generated ids are added as they come. HF's repetition penalty reads the same set
+    from input_ids."""
+    device = device or inputs["input_ids"].device
+    ids, mask = inputs["input_ids"].to(device), inputs["attention_mask"].to(device).bool()
+    seen = torch.zeros(ids.shape[0], vocab, dtype=torch.bool, device=device)
     row, col = mask.nonzero(as_tuple=True)
     seen[row, ids[row, col]] = True
     return seen.repeat_interleave(n, 0)
@@ -168,8 +170,11 @@ def decode_path(lm, head, lean: bool = True) -> tuple[str, str]:
         lora = f"{name(weight.dtype)} LoRA" + (", folded into the weights" if folded else "")
     else:
         lora = f"{'/'.join(sorted(map(name, dtypes)))} LoRA branch, added as peft does"
-    return "lean", (f"{lm.config.model_type} in {name(weight.dtype)} on {weight.device.type}, "
-                    f"{lora}")
+    devices = sorted({str(layer.input_layernorm.weight.device) for layer, _ in layers}
+                     | {str(weight.device)})
+    where = (weight.device.type if len(devices) == 1 else
+             f"{' + '.join(devices)} (split by --device_map; the hidden state moves with the layers)")
+    return "lean", f"{lm.config.model_type} in {name(weight.dtype)} on {where}, {lora}"
 
 
 def _stepper(lm, head, cache, prompt_mask: torch.Tensor, n: int, max_new_tokens: int,
@@ -337,7 +342,8 @@ class SharedPrefix:
         self.keys, self.values, self.n = keys.float(), values.float(), n
         # additive mask over prompt keys: -inf on left padding, [prompts, 1, 1, P]
         self.bias = torch.zeros(prompt_mask.shape, dtype=torch.float32, device=keys.device)
-        self.bias = self.bias.masked_fill(~prompt_mask, float("-inf"))[:, None, None]
+        padding = ~prompt_mask.to(keys.device)  # a split model's layers are on several devices
+        self.bias = self.bias.masked_fill(padding, float("-inf"))[:, None, None]
         rows, (_, heads, _, dim) = keys.shape[0] * n, keys.shape
         self.generated = KVBuffer(keys.new_empty(rows, heads, 0, dim),
                                   values.new_empty(rows, heads, 0, dim), extra)
@@ -395,7 +401,10 @@ class LeanDecoder:
             (attention == "sdpa", f"attention {attention!r}: sdpa's result is the one reproduced"),
             (not getattr(cfg, "use_sliding_window", False), "sliding-window attention"),
             (lm.rotary_emb.rope_type == "default", f"rope type {lm.rotary_emb.rope_type!r}"),
-            (isinstance(head, torch.nn.Linear), f"lm_head is a {type(head).__name__}"))
+            (isinstance(head, torch.nn.Linear), f"lm_head is a {type(head).__name__}"),
+            (not any(p.device.type == "meta" for p in (*lm.parameters(), head.weight)),
+             "weights offloaded to the CPU or disk by --device_map auto (accelerate's hooks load "
+             "them per call; the raw weights are placeholders)"))
         for ok, why in checks:
             if not ok:
                 return why
@@ -412,8 +421,10 @@ class LeanDecoder:
         return layers
 
     def step(self, tok: torch.Tensor, position, kv: list) -> torch.Tensor:
-        """Next logits [n, V]; `position` an int, or a tensor [n] (one per row)."""
-        x = self.lm.embed_tokens(tok[:, None])
+        """Next logits [n, V]; `position` an int, or a tensor [n] (one per row). On a model
+        split over devices (--device_map auto) each layer runs on its weights' device: the hidden
+        state and the rotary angles move there, as accelerate's hooks move them for the HF layers."""
+        x = self.lm.embed_tokens(tok[:, None].to(self.lm.embed_tokens.weight.device))
         rotary = self.lm.rotary_emb
         inv_freq = rotary.inv_freq.to(device=x.device, dtype=torch.float)
         if isinstance(position, int):
@@ -423,12 +434,15 @@ class LeanDecoder:
         cos = (torch.cat((freqs.cos(), freqs.cos()), -1) * rotary.attention_scaling).to(x.dtype)
         sin = (torch.cat((freqs.sin(), freqs.sin()), -1) * rotary.attention_scaling).to(x.dtype)
         for (layer, parts), cache in zip(self.layers, kv):
+            device = layer.input_layernorm.weight.device
+            if x.device != device:
+                x, cos, sin = x.to(device), cos.to(device), sin.to(device)
             x = x + self._attention(layer.self_attn, parts, _rms(x, layer.input_layernorm),
                                     cos, sin, cache)
             h = _rms(x, layer.post_attention_layernorm)
             x = x + _apply(F.silu(_apply(h, parts["gate_proj"])) * _apply(h, parts["up_proj"]),
                            parts["down_proj"])
-        return self.head(_rms(x, self.lm.norm))[:, -1]
+        return self.head(_rms(x.to(self.lm.norm.weight.device), self.lm.norm))[:, -1]
 
     @staticmethod
     def _attention(attn, parts, h, cos, sin, cache):

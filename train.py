@@ -24,6 +24,7 @@ from tqdm import tqdm
 from transformers import StoppingCriteria
 
 import checkpoint as ckpt
+import devices
 import rewards as R
 from config import Config, parse_config
 from data_and_utils import (ImagePool, check_data_dir, extract_question, proposer_prompt,
@@ -85,6 +86,7 @@ class Run:
     st: TrainState
     stop: Stop | None = None      # set by loop(): signals are caught from its start
     engine: object | None = None  # --rollout_engine vllm: the rank's vllm_engine.VLLMEngine
+    cuda_devices: list = field(default_factory=list)  # this process's GPUs (devices.cuda_devices)
 
     @property
     def log_path(self) -> str:
@@ -158,9 +160,11 @@ def train_step(run: Run, step: int, timer=no_timer) -> list[dict] | None:
             run.engine.sync("proposer", policies["proposer"])
     sync_bad_images(run.pool, st, dist)
     # Ranks must hold identical adapters; the checksum in every record lets anyone check.
-    # float64 accumulation without float64 copies of the weights, and one device sync.
-    checksum = torch.stack([p.detach().sum(dtype=torch.float64)
-                            for p in solver.parameters()]).sum().item()
+    # float64 accumulation without float64 copies of the weights, and one device sync (the
+    # sums of a model split over devices gathered on the first parameter's).
+    params = solver.parameters()
+    checksum = torch.stack([p.detach().sum(dtype=torch.float64).to(params[0].device)
+                            for p in params]).sum().item()
     seconds = round(time.time() - t0, 4)
     recs = [log_record(
         image={"step": step, "rank": dist.rank, "image_index": b, "image_path": paths[b],
@@ -222,9 +226,13 @@ def build_models(cfg: Config, pool: ImagePool) -> tuple[dict, dict]:
     if cfg.gradient_checkpointing:
         for p in {id(p.model): p for p in policies.values()}.values():
             p.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    optimizers = {r: torch.optim.AdamW(policies[r].parameters(), lr=cfg.lr,
-                                       weight_decay=cfg.weight_decay) for r in ROLES}
-    return policies, optimizers
+    return policies, make_optimizers(cfg, policies)
+
+
+def make_optimizers(cfg: Config, policies: dict) -> dict:
+    """One AdamW per role over its trainable parameters."""
+    return {r: torch.optim.AdamW(policies[r].parameters(), lr=cfg.lr,
+                                 weight_decay=cfg.weight_decay) for r in ROLES}
 
 
 @contextmanager
@@ -251,8 +259,10 @@ def start_run(cfg: Config, dist: Dist):
                     core_model(p.model).language_model, p.model.get_output_embeddings(),
                     cfg.lean_decode))
             log_sampling(cfg, policies)
+            devices.log_faster_command(cfg, dist.world, policies)
         run = Run(cfg=cfg, dist=dist, name=name, dir=run_dir, pool=pool, policies=policies,
-                  optimizers=optimizers, st=TrainState(kl_coef={r: cfg.kl_coef for r in ROLES}))
+                  optimizers=optimizers, st=TrainState(kl_coef={r: cfg.kl_coef for r in ROLES}),
+                  cuda_devices=devices.cuda_devices(policies))
         seed_all(cfg.seed + dist.rank)  # different samples on every rank
         resumed = resume(run)
         if dist.is_main:
@@ -298,7 +308,10 @@ def resume(run: Run) -> str | None:
     for key in vars(st):
         setattr(st, key, saved["train_state"][key])
     rngs = saved["rng"]
-    set_rng_state(rngs[dist.rank] if dist.rank < len(rngs) else rngs[0])
+    rng = rngs[dist.rank] if dist.rank < len(rngs) else rngs[0]
+    note = set_rng_state(rng, run.cuda_devices)
+    if note:  # resumed on another number of GPUs
+        log.warning("rank %d, %s: %s", dist.rank, path, note)
     if dist.rank >= len(rngs):
         seed_all(cfg.seed + dist.rank + st.step)
     dist.barrier()
@@ -351,7 +364,7 @@ def loop(run: Run) -> int:
         if dist.is_main:
             print(f"run {run.name} is already at step {st.step} of {cfg.total_steps}; nothing to do")
         return 0
-    run.stop, rng, saved_step = Stop(), rng_state(), st.step
+    run.stop, rng, saved_step = Stop(), rng_state(run.cuda_devices), st.step
     listed = set(run.pool.paths)  # a file since removed from the folder must not count as a pool file
     run.pool.bad.update({path: why for path, why in st.bad_images.items() if path in listed})
     wandb_run = start_wandb(cfg, run.name, run.dir, st) if dist.is_main else None
@@ -361,7 +374,7 @@ def loop(run: Run) -> int:
             records = train_step(run, step)
             if records is None:
                 break  # a signal arrived mid-rollout: step abandoned, state is still step - 1's
-            st.step, rng = step, rng_state()
+            st.step, rng = step, rng_state(run.cuda_devices)
             if dist.is_main:
                 append_log(run.log_path, records)
                 log_wandb(wandb_run, records, cfg.wandb_log_images_every)

@@ -69,8 +69,9 @@ def accumulate_gradients(cfg: Config, policy: Policy, episode: Episode, advantag
                                           temperature)
             model.train()
             logits = completion_logits(model, episode.prompt, ids[part], mask[part], own)
-            tok_logp, logp = token_logprobs(logits, ids[part], temperature)
-            m = mask[part].float()
+            # a split model's logits are on the lm_head's device, the rollout on the embedding's
+            tok_logp, logp = token_logprobs(logits, ids[part].to(logits.device), temperature)
+            m = mask[part].to(logits.device).float()
             weight = m
             if episode.rollout.logprobs is not None:
                 gap = (tok_logp.detach() - episode.rollout.logprobs[part].to(m.device)) * m
@@ -80,8 +81,10 @@ def accumulate_gradients(cfg: Config, policy: Policy, episode: Episode, advantag
                 if cfg.rollout_is_cap:
                     weight = m * gap.exp().clamp(max=cfg.rollout_is_cap)
             nll = -(tok_logp * weight).sum(1) / m.sum(1).clamp(min=1)
-            kl = (kl_per_token(logp, ref_logp, ids[part], cfg.kl_estimator) * m).sum()
-            loss = (advantages[part].to(nll.device) * nll).sum() / n + beta * kl / tokens
+            kl = (kl_per_token(logp, ref_logp.to(logp.device), ids[part].to(logp.device),
+                               cfg.kl_estimator) * m).sum()
+            loss = ((advantages[part].to(nll.device) * nll).sum() / n
+                    + beta * kl / tokens.to(kl.device))
             loss.backward()
             loss_sum += loss.item()
             kl_sum += kl.item()
@@ -213,7 +216,9 @@ def completion_logits(model, prompt: Prompt, ids: torch.Tensor, mask: torch.Tens
     owner = row_images(prompt, n) if owner is None else owner
     rows = owner.tolist()
     used = sorted(set(rows))
-    local = torch.tensor([used.index(i) for i in rows], device=ids.device)
+    # On the CPU: the cache of a model split over devices has layers on several, and a CPU index
+    # may index a tensor on any device.
+    local = torch.tensor([used.index(i) for i in rows])
     full = {"input_ids": torch.cat([p["input_ids"][owner], ids], 1),
             "attention_mask": torch.cat([p["attention_mask"][owner], mask], 1),
             "mm_token_type_ids": torch.cat([p["mm_token_type_ids"][owner],

@@ -247,6 +247,9 @@ def generate(policy: Policy, prompt: Prompt, n: int, sampling: Sampling, *,
         out = decode(core_model(model), model.get_output_embeddings(), prompt.inputs, mm, n, sampling,
                      suppress=suppressed_ids(policy.processor), eos=eos, pad=_pad_id(policy),
                      stop=stop)
+    # On the prompts' device, which the update joins them to (a model split over devices
+    # samples on its lm_head's).
+    out = type(out)(*(t.to(policy.device) for t in out))
     mask = completion_mask(out.ids, eos)
     texts = policy.processor.tokenizer.batch_decode(out.ids * mask + _pad_id(policy) * (1 - mask),
                                                    skip_special_tokens=True)
@@ -366,7 +369,7 @@ def embed_steps(policy: Policy, steps: list[str], kind: str, max_tokens: int) ->
             h = ref.get_input_embeddings()(ids)
         else:
             h = core_model(ref).language_model(input_ids=ids, attention_mask=mask).last_hidden_state
-    m = mask.unsqueeze(-1).to(h.dtype)
+    m = mask.unsqueeze(-1).to(h.device, h.dtype)  # a split model ends on another device
     mean = (h * m).sum(1) / m.sum(1).clamp(min=1)
     return F.normalize(mean.float(), dim=-1).cpu()
 
