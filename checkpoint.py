@@ -186,7 +186,8 @@ MODEL_FLAGS = ("solver_model", "proposer_model", "use_lora_solver", "use_lora_pr
 # Flags about where, how often or how fast, not what is learned: changing them is routine.
 RUN_FLAGS = ("total_steps", "output_dir", "wandb_run_name", "wandb_project", "wandb_mode",
              "resume_from", "save_every", "max_checkpoints", "clear_cache_every", "device_map",
-             "attn_implementation", "gradient_checkpointing", "update_micro_batch")
+             "attn_implementation", "gradient_checkpointing", "update_micro_batch",
+             "deterministic")
 
 
 def changed_flags(path: str, saved: dict, now: dict) -> list[str]:

@@ -196,6 +196,13 @@ class Config:
     wandb_run_name: str = _help("Run name; also the folder under output_dir. Keep it fixed to "
                                 "auto-resume (generated when empty).", default="")
 
+    # ---- determinism ----
+    deterministic: bool = _help(
+        "Deterministic kernels only (torch.use_deterministic_algorithms, "
+        "CUBLAS_WORKSPACE_CONFIG=:4096:8, cuDNN deterministic, flash-attn deterministic "
+        "backward), so that a GPU run and its resume repeat bit for bit; slower on GPUs. CPU runs "
+        "are deterministic without it (docs/reliability.md).", default=False)
+
     def __post_init__(self):
         self.include_subfolders_list = _split(self.include_subfolders)
         self.lora_targets_list = _split(self.lora_targets)

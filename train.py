@@ -29,6 +29,7 @@ import rewards as R
 from config import Config, parse_config
 from data_and_utils import (ImagePool, check_data_dir, extract_question, proposer_prompt,
                             solver_prompt)
+from determinism import use_deterministic_algorithms
 from distributed import Dist, TrainingError, UserError, report, run_lock
 from runtime import (append_log, keep_freed_memory, log_record, log_wandb, rng_state, role_fields,
                      seed_all, set_rng_state, start_wandb, step_signals)
@@ -425,6 +426,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         report(e)
         return 2
+    if cfg.deterministic:  # before CUDA is initialized: cuBLAS reads its setting then
+        log.info("deterministic: %s", use_deterministic_algorithms())
     try:
         return train(cfg)
     except UserError as e:

@@ -12,6 +12,7 @@ and for the reference of the KL alike (greedy sampling, T = 0, scores at T = 1).
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from contextlib import nullcontext
@@ -216,9 +217,7 @@ def completion_logits(model, prompt: Prompt, ids: torch.Tensor, mask: torch.Tens
     owner = row_images(prompt, n) if owner is None else owner
     rows = owner.tolist()
     used = sorted(set(rows))
-    # On the CPU: the cache of a model split over devices has layers on several, and a CPU index
-    # may index a tensor on any device.
-    local = torch.tensor([used.index(i) for i in rows])
+    runs = [(used.index(i), len(list(same))) for i, same in itertools.groupby(rows)]
     full = {"input_ids": torch.cat([p["input_ids"][owner], ids], 1),
             "attention_mask": torch.cat([p["attention_mask"][owner], mask], 1),
             "mm_token_type_ids": torch.cat([p["mm_token_type_ids"][owner],
@@ -236,11 +235,23 @@ def completion_logits(model, prompt: Prompt, ids: torch.Tensor, mask: torch.Tens
     pre = core(input_ids=p["input_ids"][used], attention_mask=p["attention_mask"][used],
                mm_token_type_ids=p["mm_token_type_ids"][used], position_ids=pos[:, first, :P],
                **vision_inputs(prompt, used), use_cache=True)
-    pre.cache.batch_select_indices(local)
+    for layer in pre.cache.layers:
+        layer.keys, layer.values = repeat_rows(layer.keys, runs), repeat_rows(layer.values, runs)
     out = core(input_ids=ids, attention_mask=full["attention_mask"], position_ids=pos[:, :, P:],
                cache=pre.cache, use_cache=True)
-    hidden = torch.cat([pre.last_hidden_state[local, -1:], out.last_hidden_state], 1)
+    hidden = torch.cat([repeat_rows(pre.last_hidden_state[:, -1:], runs), out.last_hidden_state], 1)
     return model.get_output_embeddings()(hidden)[:, :-1]  # same L + 1 positions as above
+
+
+def repeat_rows(x: torch.Tensor, runs: list[tuple[int, int]]) -> torch.Tensor:
+    """Rows of x in the order `runs` gives: (row, count) for each run of equal rows. Expanded
+    slices, so the backward sums each row's copies in a fixed order. Advanced indexing
+    (x[index], cache.batch_select_indices) gives the same rows, but its backward,
+    index_put(accumulate=True), adds float32 with atomics on a CPU with 2+ threads (for 32,768+
+    elements): the order, and so the last bits of the gradient, changed from run to run.
+    index_select's backward uses atomics on CUDA."""
+    parts = [x[row:row + 1].expand(count, *x.shape[1:]) for row, count in runs]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def _drops_cache(model) -> bool:

@@ -16,6 +16,8 @@ would. Install: docs/vllm.md (CPU tests: scripts/install_vllm.sh).
 from __future__ import annotations
 
 import hashlib
+import importlib
+import inspect
 import logging
 import os
 import shutil
@@ -35,6 +37,45 @@ SUPPRESS_BIAS = -100.0  # vLLM clamps logit_bias to [-100, 100]: e^-100 is never
 # start() has them divided by the sampling temperature T in the model itself: log_softmax(logits /
 # T) over the whole vocabulary, what our sampler reports and update.py scores.
 LOGPROBS_MODE = "raw_logprobs"
+# The vLLM releases this file is written against (docs/vllm.md): the engine drives LLM.enqueue and
+# LLMEngine.step itself and sets attributes of vLLM's layers, none of it a stable API.
+VLLM_SERIES = ("0.32",)
+# What it calls, as (module, attribute path): a release that lacks one is refused at start-up.
+VLLM_API = (("vllm", "LLM.enqueue"), ("vllm", "LLM.apply_model"), ("vllm", "SamplingParams"),
+            ("vllm.v1.engine.llm_engine", "LLMEngine.add_lora"),
+            ("vllm.v1.engine.llm_engine", "LLMEngine.remove_lora"),
+            ("vllm.v1.engine.llm_engine", "LLMEngine.abort_request"),
+            ("vllm.v1.engine.llm_engine", "LLMEngine.step"),
+            ("vllm.v1.engine.llm_engine", "LLMEngine.has_unfinished_requests"),
+            ("vllm.lora.request", "LoRARequest"),
+            ("vllm.model_executor.layers.logits_processor", "LogitsProcessor"),
+            ("vllm.distributed.parallel_state", "destroy_model_parallel"),
+            ("vllm.distributed.parallel_state", "destroy_distributed_environment"))
+
+
+def check_vllm() -> str:
+    """The installed vLLM's version, after checking that it is a release this file is written
+    against and has every call it makes; otherwise one line naming the installed and the
+    supported versions (UserError)."""
+    import vllm
+    version = getattr(vllm, "__version__", "(unknown)")
+    supported = " or ".join(f"{s}.x" for s in VLLM_SERIES)
+    if ".".join(version.split(".")[:2]) not in VLLM_SERIES:
+        raise UserError(f"vLLM {version} is installed, but --rollout_engine vllm is written "
+                        f"against vLLM {supported}; install that (docs/vllm.md)")
+    for module, path in VLLM_API:
+        try:
+            obj = importlib.import_module(module)
+            for name in path.split("."):
+                obj = getattr(obj, name)
+        except (ImportError, AttributeError):
+            raise UserError(f"vLLM {version} has no {module}.{path}, which --rollout_engine vllm "
+                            f"calls (supported: vLLM {supported}; docs/vllm.md)") from None
+        if (path == "LLMEngine.abort_request"
+                and "internal" not in inspect.signature(obj).parameters):
+            raise UserError(f"vLLM {version}: {module}.{path} takes no `internal` argument, which "
+                            f"--rollout_engine vllm passes (supported: vLLM {supported})")
+    return version
 
 
 def request_seed(seed: int, step: int, rank: int, image: int, role: str) -> int:
@@ -201,7 +242,8 @@ def _scale_logits(model, scale: float) -> int:
     vLLM sampling these at temperature 1 samples HF's distribution at T, and its raw log-probs
     are log_softmax(logits / T). Returns how many processors were set."""
     from vllm.model_executor.layers.logits_processor import LogitsProcessor
-    found = [m for m in model.modules() if type(m) is LogitsProcessor]
+    # isinstance: LogitsProcessor is a PluggableLayer, which a platform or plugin may subclass.
+    found = [m for m in model.modules() if isinstance(m, LogitsProcessor)]
     for m in found:
         m.scale = scale
     return len(found)
@@ -218,6 +260,7 @@ def start(cfg, policies: dict, dist, max_pixels: int, factor: int) -> VLLMEngine
         from vllm import LLM
     except ImportError as e:
         raise UserError(f"--rollout_engine vllm needs vLLM ({e}); see docs/vllm.md") from None
+    log.info("vLLM %s", check_vllm())
     solver = policies["solver"]
     length = max_model_len(cfg, solver, max_pixels, factor)
     # A prompt prefilled in chunks discards the tokens sampled for its first chunks, and rewinds

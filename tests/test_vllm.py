@@ -183,6 +183,22 @@ def test_two_processes_one_engine_per_rank(vllm_python, model, image_dir, tmp_pa
     assert_synced(records)
 
 
+def test_the_vllm_version_and_api_are_checked_at_start(vllm_python, model, image_dir, tmp_path):
+    """Another release is one line naming the installed and the supported versions, in the
+    trainer too (exit 2); so is a missing call; a subclass of LogitsProcessor gets the scale."""
+    argv = vllm_args(model, image_dir, str(tmp_path), "v", steps=1)
+    result = check(vllm_python, "api", "0", "--", *argv)
+    assert result["installed"].startswith("0.32")
+    for version in ("0.31.2", "0.33.0"):
+        assert f"vLLM {version} is installed" in result[version], result
+        assert "vLLM 0.32.x" in result[version], result
+    assert result["0.32.9.dev3+gabc"] == ""
+    assert result["train_returncode"] == 2
+    assert result["train_errors"] == ["error: " + result["0.31.2"]], result
+    assert "has no vllm.LLM.enqueue" in result["no_enqueue"], result
+    assert result["subclass_scaled"] == 1 and result["subclass_scale"] == 0.5, result
+
+
 # ---------------------------------------------------------------- refusals (no vLLM needed)
 @pytest.mark.parametrize("flags, named", [
     ({"use_lora_solver": None}, "--use_lora_solver"),

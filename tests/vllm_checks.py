@@ -5,6 +5,7 @@ prints last.
     .compat/vllm/bin/python tests/vllm_checks.py parity MODEL IMAGES
     .compat/vllm/bin/python tests/vllm_checks.py withhold-sync STEP -- TRAIN_ARGS...
     .compat/vllm/bin/python tests/vllm_checks.py sigterm-in-rollout CALL -- TRAIN_ARGS...
+    .compat/vllm/bin/python tests/vllm_checks.py api 0 -- TRAIN_ARGS...
 """
 import json
 import os
@@ -148,6 +149,50 @@ def sigterm_in_rollout(call: int, argv: list[str]) -> dict:
     return {"returncode": train.main(argv), **seen}
 
 
+def api(_, argv: list[str]) -> dict:
+    """check_vllm on the installed vLLM, on it with another version or without LLM.enqueue, and
+    train.main (with these flags) under another version; _scale_logits on a subclass of
+    vLLM's LogitsProcessor."""
+    import contextlib
+    import io
+
+    import vllm
+    from vllm import LLM
+    from vllm.model_executor.layers.logits_processor import LogitsProcessor
+    from distributed import UserError
+
+    def refusal() -> str:
+        try:
+            vllm_engine.check_vllm()
+        except UserError as e:
+            return str(e)
+        return ""
+    out = {"installed": vllm_engine.check_vllm()}
+    installed, enqueue = vllm.__version__, LLM.enqueue
+    for version in ("0.31.2", "0.33.0", "0.32.9.dev3+gabc"):
+        vllm.__version__ = version
+        out[version] = refusal()
+    vllm.__version__ = "0.31.2"
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        out["train_returncode"] = train.main(argv)
+    out["train_errors"] = [line for line in stderr.getvalue().splitlines()
+                           if line.startswith("error:")]
+    vllm.__version__ = installed
+    del LLM.enqueue
+    out["no_enqueue"] = refusal()
+    LLM.enqueue = enqueue
+
+    class Plugged(LogitsProcessor):  # what a platform or plugin may put in its place
+        pass
+    layer = object.__new__(Plugged)  # without a vLLM config: _scale_logits sets only .scale
+    torch.nn.Module.__init__(layer)
+    layer.scale = 1.0
+    out["subclass_scaled"] = vllm_engine._scale_logits(torch.nn.Sequential(layer), 0.5)
+    out["subclass_scale"] = layer.scale
+    return out
+
+
 def main() -> None:
     command, args = sys.argv[1], sys.argv[2:]
     if command == "parity":
@@ -155,7 +200,8 @@ def main() -> None:
     else:
         cut = args.index("--")
         n, argv = int(args[0]), args[cut + 1:]
-        result = (withhold_sync if command == "withhold-sync" else sigterm_in_rollout)(n, argv)
+        result = {"withhold-sync": withhold_sync, "sigterm-in-rollout": sigterm_in_rollout,
+                  "api": api}[command](n, argv)
     print(json.dumps(result), flush=True)
 
 

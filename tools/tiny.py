@@ -195,14 +195,15 @@ def build_tiny_model(out_dir: str, hidden: int = 128, layers: int = 2, intermedi
                      max_pixels: int = 224 * 224, seed: int = 0, family: str = "qwen2_5_vl",
                      fullatt_block_indexes: list[int] | None = None,
                      dtype: str = "float32", layout: str | None = None,
-                     generation: dict | None = None) -> str:
+                     generation: dict | None = None, device: str = "cpu") -> str:
     """Write a random-weight Qwen-VL checkpoint folder of the given generation (one of FAMILIES)
     and return its path. An existing complete folder is reused if it is of the same family (and
     of the layout asked for, if one is). layout: "hub" (default for Qwen2/2.5-VL: as the real
     checkpoints are published) or "transformers5" (the only one for Qwen3-VL). fullatt_block_indexes (Qwen2.5-VL: vision blocks
     with full, not windowed, attention; default the last) and dtype (of the saved weights) let
     scripts/bench.py build the real 3B shapes. `generation`: sampling fields written into
-    generation_config.json (e.g. QWEN2_5_VL_7B_GENERATION), next to bos, eos and pad."""
+    generation_config.json (e.g. QWEN2_5_VL_7B_GENERATION), next to bos, eos and pad. `device`
+    other than cpu: the weights are initialized there (other random values than on the CPU)."""
     from transformers import Qwen2VLImageProcessor
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
@@ -228,7 +229,11 @@ def build_tiny_model(out_dir: str, hidden: int = 128, layers: int = 2, intermedi
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
     torch.manual_seed(seed)
-    model = model_cls(config).to(getattr(torch, dtype))
+    if device == "cpu":
+        model = model_cls(config).to(getattr(torch, dtype))
+    else:  # built where it runs, in its dtype: a 7B model in seconds (scripts/gpu_check.py)
+        with torch.device(device):
+            model = model_cls._from_config(config, dtype=getattr(torch, dtype))
     gen = model.generation_config
     gen.eos_token_id = [ids["<|im_end|>"], ids["<|endoftext|>"]]
     gen.pad_token_id = ids["<|endoftext|>"]
