@@ -8,13 +8,14 @@ defaults below are the only defaults. See all flags with:
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from dataclasses import dataclass, field, fields
 
 from typing import Optional
 
-from transformers import HfArgumentParser
 
+from cli import DataclassParser
 from data_and_utils import PROPOSER_PROMPT, QUESTION_PLACEHOLDER, SOLVER_PROMPT, read_prompt_file
 
 WANDB_MODES = ("disabled", "offline", "online")
@@ -311,8 +312,12 @@ def _check_sampling(top_k, repetition_penalty):
 
 def parse_config(argv: list[str] | None = None) -> Config:
     """Parse a command line into a Config. Unknown flags are an error."""
-    parser = HfArgumentParser(Config)
-    (cfg,) = parser.parse_args_into_dataclasses(args=sys.argv[1:] if argv is None else argv)
+    script = os.path.basename(sys.argv[0])
+    parser = DataclassParser(Config, prog=f"python {script if script.endswith('.py') else 'train.py'}")
+    cfg, unknown = parser.parse_args_into_dataclasses(args=sys.argv[1:] if argv is None else argv,
+                                                      return_remaining_strings=True)
+    if unknown:
+        parser.unrecognized(unknown)
     return cfg
 
 

@@ -25,14 +25,14 @@ from transformers import StoppingCriteria
 
 import checkpoint as ckpt
 import image_stream
-import startup
 import rewards as R
+import startup
 from config import Config, parse_config
 from data_and_utils import (ImagePool, check_data_dir, extract_question, proposer_prompt,
                             solver_prompt)
 from distributed import Dist, TrainingError, UserError, report, run_lock
-from runtime import (append_log, keep_freed_memory, log_record, rng_state, role_fields, seed_all,
-                     set_rng_state, step_signals)
+from runtime import (append_log, keep_freed_memory, load_config, log_record, rng_state,
+                     role_fields, seed_all, set_rng_state, step_signals)
 from sampling import decode_path
 from update import Episode, update_role
 import vllm_engine
@@ -234,6 +234,8 @@ def start_run(cfg: Config, dist: Dist):
     problem = dist.broadcast(wandb_guard.login_problem(cfg) if dist.is_main else None)
     if problem:
         raise UserError(problem)
+    for model in dict.fromkeys((cfg.solver_model, cfg.proposer_model)):
+        load_config(model)  # a wrong path or hub id; the weights are checked as they load
     pool = ImagePool(cfg.data_dir, cfg.include_subfolders_list, cfg.seed, cfg.max_pixels)
     if len(set(dist.gather(pool.fingerprint()))) > 1:  # the seeded order needs one path list
         raise UserError(f"the ranks found different image lists in {cfg.data_dir} (files "

@@ -32,12 +32,15 @@ def login_problem(cfg) -> str | None:
 
 
 class Tracker:
-    """The trainer's W&B run. Each method warns on the first failure, then goes on offline."""
+    """The trainer's W&B run: a failure warns and goes on offline; offline failing too, without W&B."""
 
     def __init__(self, cfg, run_name: str, run_dir: str, st):
         self.cfg, self.name, self.dir, self.st = cfg, run_name, run_dir, st
         self.run, self.failed = None, False
-        self.run = self._guard("start", lambda: start_wandb(cfg, run_name, run_dir, st))
+        try:
+            self.run = start_wandb(cfg, run_name, run_dir, st)
+        except Exception as e:  # noqa: BLE001 -- see _guard
+            self._fall_back("start", e)
 
     def log(self, records: list[dict]) -> None:
         if self.run is not None:
@@ -47,32 +50,30 @@ class Tracker:
         if self.run is not None:
             self._guard("finish", self.run.finish)
 
-    def _guard(self, what: str, call):
+    def _guard(self, what: str, call) -> None:
         try:
-            return call()
+            call()
         except Exception as e:  # noqa: BLE001 -- W&B's errors are many and version-dependent
             self._fall_back(what, e)
-            return None
 
     def _fall_back(self, what: str, error: Exception) -> None:
-        """Warn once; reopen the run offline (same id: `wandb sync` merges it), or drop W&B."""
+        """An online run is reopened offline (same id: `wandb sync` merges it), with one warning;
+        if offline W&B fails as well, W&B is dropped, with one more."""
         old, self.run = self.run, None
         if old is not None:
             try:
                 old.finish(quiet=True)
             except Exception:  # noqa: BLE001 -- the run is broken already
                 pass
+        local = os.path.join(self.dir, "iter_log.jsonl")
         if self.failed or self.cfg.wandb_mode != "online":
-            if not self.failed:
-                log.warning("W&B %s failed (%s); going on without W&B: the local log %s has "
-                            "every step", what, first_line(error),
-                            os.path.join(self.dir, "iter_log.jsonl"))
-            self.failed = True
+            log.warning("W&B %s failed (%s); going on without W&B (the local log %s has every "
+                        "step)", what, first_line(error), local)
             return
         self.failed = True
-        log.warning("W&B %s failed (%s); going on offline under %s/wandb (upload later with "
-                    "`wandb sync`); the local log has every step", what, first_line(error),
-                    self.dir)
+        log.warning("W&B %s failed (%s); going on offline under %s (upload later with `wandb "
+                    "sync`; the local log %s has every step)", what, first_line(error),
+                    os.path.join(self.dir, "wandb"), local)
         offline = copy.copy(self.cfg)  # the run's own config (saved in checkpoints) stays as given
         offline.wandb_mode = "offline"
         try:
