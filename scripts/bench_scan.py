@@ -76,11 +76,11 @@ def timed(fn):
     return out, time.perf_counter() - t0
 
 
-def main() -> int:
+def main(argv=None) -> int:
     ap = cli.ArgumentParser(prog="python scripts/bench_scan.py", description=__doc__.splitlines()[0])
     ap.add_argument("--root", default=os.path.join(tempfile.gettempdir(), "ireasoner-scan-bench"))
     ap.add_argument("--files", type=int, default=200_000)
-    args = cli.parse_or_exit(ap, None)
+    args = cli.parse_or_exit(ap, argv)
     data = os.path.join(args.root, f"data-{args.files}")
     _, made = timed(lambda: make_tree(data, args.files))
     print(f"tree: {args.files} files in 2000 folders under {data} (made/checked in {made:.1f} s)")
