@@ -275,6 +275,13 @@ class Config:
                f"--update_mode per_sample conflicts with --images_per_step "
                f"{self.images_per_step}: per_sample steps image by image, as published; use "
                f"--update_mode batched or --images_per_step 1")
+        # ---- first hour: settings that train nothing, said before anything loads ----
+        if self.num_solver_samples == 1:
+            logging.getLogger("ireasoner").warning(
+                "--num_solver_samples 1: a single answer is its own majority, so every image's "
+                "outcome reward is the same (p = 1; only the length penalty varies) and the "
+                "answer entropy is 0 (the Proposer's reward is constant): self-consistency needs "
+                "N >= 2 (default 5)")
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}

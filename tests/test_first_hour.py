@@ -93,15 +93,21 @@ def test_tracker_warns_once_and_goes_on_offline(monkeypatch, caplog):
 
 @pytest.mark.slow
 def test_a_wandb_failure_mid_run_keeps_the_local_log(tiny_model, image_dir, tmp_path,
-                                                     monkeypatch):
+                                                     monkeypatch, capsys):
     fake = FakeWandb(fail_log_at=2)
     monkeypatch.setitem(sys.modules, "wandb", fake)
     out = str(tmp_path / "out")
     assert train.main(train_args(tiny_model, image_dir, out, "w", steps=3,
                                  wandb_mode="offline")) == 0
+    said = capsys.readouterr().out
+    assert f"found 8 images in {image_dir}" in said
+    assert f"new run w in {os.path.join(out, 'w')}: starting at step 1" in said
     with open(os.path.join(out, "w", "iter_log.jsonl")) as f:
         assert [json.loads(line)["step"] for line in f] == [1, 2, 3]
     assert fake.logged == [1]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert modes(os.path.join(out, "w", "step_00002")) == {oct(0o777 & ~umask), oct(0o666 & ~umask)}
 
 
 # ---------------------------------------------------------------- failed starts
@@ -133,3 +139,59 @@ def test_a_failed_start_keeps_a_folder_it_did_not_make(tmp_path):
     assert train.main(train_args(model, data, str(out), "s")) == 2
     assert sorted(os.listdir(out)) == ["r", "s"]
     assert set(os.listdir(out / "r")) - {"run.lock"} == {"notes.txt"}  # the lock: as any start
+
+
+# ---------------------------------------------------------------- permissions
+def modes(folder) -> set:
+    out = {oct(os.stat(folder).st_mode & 0o777)}
+    for root, dirs, files in os.walk(folder):
+        out |= {oct(os.stat(os.path.join(root, n)).st_mode & 0o777) for n in dirs + files}
+    return out
+
+
+@pytest.mark.parametrize("umask,expected", [(0o022, {"0o755", "0o644"}),
+                                            (0o002, {"0o775", "0o664"})])
+def test_written_folders_get_the_umasks_permissions(tmp_path, umask, expected):
+    """safetensors writes 0600 whatever the umask; atomic_dir (checkpoints, exports) fixes it."""
+    import torch
+    from safetensors.torch import save_file
+    from runtime import atomic_dir
+    old = os.umask(umask)
+    try:
+        with atomic_dir(str(tmp_path / "ckpt"), str(tmp_path / "ckpt.tmp")) as tmp:
+            os.makedirs(os.path.join(tmp, "solver"))
+            save_file({"w": torch.zeros(2)}, os.path.join(tmp, "solver", "adapter.safetensors"))
+            with open(os.path.join(tmp, "state.json"), "w") as f:
+                f.write("{}")
+    finally:
+        os.umask(old)
+    assert modes(tmp_path / "ckpt") == expected
+
+
+# ---------------------------------------------------------------- what a start says
+def test_start_says_what_it_found_and_how_to_resume(tmp_path):
+    import startup
+    from data_and_utils import ImagePool
+    data = tmp_path / "data"
+    images(data / "cats", ("a.png", "b.png", "c.png"))
+    images(data / "dogs", ("d.png",))
+    pool = ImagePool(str(data), None, 0, 64 * 28 * 28)
+    assert startup.pool_summary(pool) == f"found 4 images in {data}: 3 in cats/, 1 in dogs/"
+    assert startup.pool_summary(pool, 2).endswith("; 2 known unreadable from earlier steps (skipped)")
+    flat = ImagePool(str(data / "cats"), None, 0, 64 * 28 * 28)
+    assert startup.pool_summary(flat) == f"found 3 images in {data / 'cats'}"
+    line = startup.run_summary("run-20260101-000000", "runs/run-20260101-000000", None, 1, True)
+    assert line.startswith("new run run-20260101-000000 in runs/run-20260101-000000")
+    assert line.endswith("to resume it later pass --wandb_run_name run-20260101-000000")
+    assert "rerun the same command" in startup.run_summary("mine", "runs/mine", None, 1, False)
+    assert "resuming from runs/mine/step_00004 at step 5" in startup.run_summary(
+        "mine", "runs/mine", "runs/mine/step_00004", 5, False)
+
+
+def test_one_solver_sample_warns(caplog):
+    from config import parse_config
+    with caplog.at_level(logging.WARNING, logger="ireasoner"):
+        parse_config(["--num_solver_samples", "2"])
+        assert not caplog.records
+        parse_config(["--num_solver_samples", "1"])
+    assert any("--num_solver_samples 1" in r.getMessage() for r in caplog.records)
