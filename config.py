@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, fields
 from typing import Optional
 
 
-from cli import DataclassParser
+from cli import CommandLineError, DataclassParser
 from data_and_utils import PROPOSER_PROMPT, QUESTION_PLACEHOLDER, SOLVER_PROMPT, read_prompt_file
 
 WANDB_MODES = ("disabled", "offline", "online")
@@ -321,8 +321,13 @@ def parse_config(argv: list[str] | None = None) -> Config:
     """Parse a command line into a Config. Unknown flags are an error."""
     script = os.path.basename(sys.argv[0])
     parser = DataclassParser(Config, prog=f"python {script if script == 'run.py' else 'train.py'}")
-    cfg, unknown = parser.parse_args_into_dataclasses(args=sys.argv[1:] if argv is None else argv,
-                                                      return_remaining_strings=True)
+    try:
+        cfg, unknown = parser.parse_args_into_dataclasses(
+            args=sys.argv[1:] if argv is None else argv, return_remaining_strings=True)
+    except CommandLineError:
+        raise
+    except ValueError as e:  # a check of __post_init__
+        raise CommandLineError(f"{e} (see {parser.prog} --help)") from e
     if unknown:
         parser.unrecognized(unknown)
     return cfg
