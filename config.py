@@ -320,7 +320,8 @@ def _check_sampling(top_k, repetition_penalty):
 def parse_config(argv: list[str] | None = None) -> Config:
     """Parse a command line into a Config. Unknown flags are an error."""
     script = os.path.basename(sys.argv[0])
-    parser = DataclassParser(Config, prog=f"python {script if script == 'run.py' else 'train.py'}")
+    parser = DataclassParser(Config, prog=f"python {script if script == 'run.py' else 'train.py'}",
+                             usage="%(prog)s --data_dir DIR [--flag value ...] (the flags below)")
     try:
         cfg, unknown = parser.parse_args_into_dataclasses(
             args=sys.argv[1:] if argv is None else argv, return_remaining_strings=True)
