@@ -8,13 +8,14 @@ defaults below are the only defaults. See all flags with:
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from dataclasses import dataclass, field, fields
 
 from typing import Optional
 
-from transformers import HfArgumentParser
 
+from cli import CommandLineError, DataclassParser
 from data_and_utils import PROPOSER_PROMPT, QUESTION_PLACEHOLDER, SOLVER_PROMPT, read_prompt_file
 
 WANDB_MODES = ("disabled", "offline", "online")
@@ -281,6 +282,13 @@ class Config:
                f"--update_mode per_sample conflicts with --images_per_step "
                f"{self.images_per_step}: per_sample steps image by image, as published; use "
                f"--update_mode batched or --images_per_step 1")
+        # ---- first hour: settings that train nothing, said before anything loads ----
+        if self.num_solver_samples == 1:
+            logging.getLogger("ireasoner").warning(
+                "--num_solver_samples 1: a single answer is its own majority, so every image's "
+                "outcome reward is the same (p = 1; only the length penalty varies) and the "
+                "answer entropy is 0 (the Proposer's reward is constant): self-consistency needs "
+                "N >= 2 (default 5)")
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -318,8 +326,18 @@ def _check_sampling(top_k, repetition_penalty):
 
 def parse_config(argv: list[str] | None = None) -> Config:
     """Parse a command line into a Config. Unknown flags are an error."""
-    parser = HfArgumentParser(Config)
-    (cfg,) = parser.parse_args_into_dataclasses(args=sys.argv[1:] if argv is None else argv)
+    script = os.path.basename(sys.argv[0])
+    parser = DataclassParser(Config, prog=f"python {script if script == 'run.py' else 'train.py'}",
+                             usage="%(prog)s --data_dir DIR [--flag value ...] (the flags below)")
+    try:
+        cfg, unknown = parser.parse_args_into_dataclasses(
+            args=sys.argv[1:] if argv is None else argv, return_remaining_strings=True)
+    except CommandLineError:
+        raise
+    except ValueError as e:  # a check of __post_init__
+        raise CommandLineError(f"{e} (see {parser.prog} --help)") from e
+    if unknown:
+        parser.unrecognized(unknown)
     return cfg
 
 

@@ -161,6 +161,9 @@ class ImagePool:
         return self._order_cache[1]
 
     def get(self, index: int) -> tuple[str, Image.Image]:
+        """The image at stream position `index`, or the next readable one after it: for tools
+        and benchmarks that want one image. The trainer draws through image_stream.draw, which
+        never gives a bad file's place to an image another step trains."""
         n = len(self.paths)
         budget = min(self.max_retries, n)  # fresh load failures allowed in this call
         failures, consecutive = 0, 0

@@ -182,6 +182,7 @@ def acquire(run_dir: str, run_name: str) -> int:
 def run_lock(run_dir: str, run_name: str, dist):
     """Make run_dir; rank 0 holds the lock for the body; a refusal is raised on every rank."""
     fd, error = None, None
+    created = not os.path.isdir(run_dir)
     try:
         os.makedirs(run_dir, exist_ok=True)  # every rank: a node without the folder fails here
     except OSError as e:
@@ -196,6 +197,20 @@ def run_lock(run_dir: str, run_name: str, dist):
         raise UserError(error)
     try:
         yield
+    except BaseException:
+        if fd is not None and created:  # a failed start leaves no folder behind
+            remove_if_only_lock(run_dir)
+        raise
     finally:
         if fd is not None:
             os.close(fd)
+
+
+def remove_if_only_lock(run_dir: str) -> None:
+    """Remove run_dir if it holds nothing but our lock (called while still holding it)."""
+    try:
+        if os.listdir(run_dir) == [LOCK_FILE]:
+            os.unlink(os.path.join(run_dir, LOCK_FILE))
+            os.rmdir(run_dir)
+    except OSError:
+        pass  # best effort: the start has failed already, and that error is the one to show

@@ -5,9 +5,11 @@
     python run.py plot runs/<run> [--out file.png]   # training curves from iter_log.jsonl
     python run.py --data_dir ... ...   # exactly `python train.py --data_dir ... ...`
     python run.py infer|eval|export    # use a trained Solver (see README)
+    python run.py --help               # the commands (COMMANDS below), then the training flags
 """
 from __future__ import annotations
 
+import difflib
 import os
 import sys
 
@@ -103,17 +105,66 @@ def smoke() -> int:
 
 
 
+def plot_main(args: list[str]) -> int:
+    from tools import plot
+    return plot.main(args)
+
+
+def tool_main(command: str):
+    def run_tool(args: list[str]) -> int:
+        from tools import infer
+        return infer.main([command, *args])
+    return run_tool
+
+
+def no_arguments(command):
+    def run_bare(args: list[str]) -> int:
+        if args:
+            print(f"error: {args[0]}: `python run.py {command.__name__}` takes no arguments "
+                  f"(see python run.py --help)", file=sys.stderr)
+            return 2
+        return command()
+    return run_bare
+
+
+# The subcommands, in the order --help lists them: name -> (what it does, handler(args)).
+COMMANDS = {
+    "smoke": ("the machinery on random weights (seconds; a rerun resumes)", no_arguments(smoke)),
+    "plot": ("training curves from a run's iter_log.jsonl: plot runs/<run> [--out file.png]",
+             plot_main),
+    "infer": ("a trained Solver answers one image: infer --model M --adapter DIR --image F",
+              tool_main("infer")),
+    "eval": ("accuracy on a JSONL of image, question, answer: eval --model M --data F",
+             tool_main("eval")),
+    "export": ("merge a LoRA Solver into its base: export --model M --adapter DIR --out DIR",
+               tool_main("export")),
+}
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: python run.py                  the learning demo (CPU, minutes)",
+             "       python run.py COMMAND [args]   (python run.py COMMAND --help for its flags)",
+             "       python run.py --data_dir DIR [flags]   train (as python train.py; flags below)",
+             "", "commands:"]
+    lines += [f"  {name:<{width}}  {summary}" for name, (summary, _) in COMMANDS.items()]
+    return "\n".join(lines) + "\n\ntraining flags:"
+
+
 def main(argv: list[str]) -> int:
     if not argv:
         return demo_main()
-    if argv[0] == "smoke":
-        return smoke()
-    if argv[0] == "plot":
-        from tools import plot
-        return plot.main(argv[1:])
-    if argv[0] in ("infer", "eval", "export"):
-        from tools import infer
-        return infer.main(argv)
+    first = argv[0]
+    if first in COMMANDS:
+        return COMMANDS[first][1](argv[1:])
+    if first in ("-h", "--help"):
+        print(usage(), flush=True)
+    elif not first.startswith("-"):
+        close = difflib.get_close_matches(first, COMMANDS, n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]}?)" if close else f"; commands: {', '.join(COMMANDS)}"
+        print(f"error: unknown command {first!r}{hint}; see python run.py --help",
+              file=sys.stderr)
+        return 2
     import train
     return train.main(argv)
 

@@ -122,6 +122,7 @@ def atomic_dir(final: str, tmp: str, replace: bool = False):
     os.makedirs(tmp)
     try:
         yield tmp
+        umask_permissions(tmp)
         if os.path.isdir(final):
             if replace:
                 shutil.rmtree(final)
@@ -131,6 +132,21 @@ def atomic_dir(final: str, tmp: str, replace: bool = False):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def umask_permissions(folder: str) -> None:
+    """Give the folder and everything in it the permissions the umask allows (what `open` and
+    `mkdir` would give): safetensors writes weight files 0600 whatever the umask, so teammates
+    on a shared cluster could not read a checkpoint or an export."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+    for root, dirs, files in os.walk(folder):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o777 & ~umask)
+        for name in files:
+            if not os.path.islink(os.path.join(root, name)):  # a link's target is not ours
+                os.chmod(os.path.join(root, name), 0o666 & ~umask)
 
 
 def write_text(path: str, text: str, encoding: str = "utf-8") -> None:

@@ -25,17 +25,20 @@ from transformers import StoppingCriteria
 
 import checkpoint as ckpt
 import devices
+import image_stream
 import rewards as R
+import startup
 from config import Config, parse_config
 from data_and_utils import (ImagePool, check_data_dir, extract_question, proposer_prompt,
                             solver_prompt)
 from determinism import use_deterministic_algorithms
 from distributed import Dist, TrainingError, UserError, report, run_lock
-from runtime import (append_log, keep_freed_memory, log_record, log_wandb, rng_state, role_fields,
-                     seed_all, set_rng_state, start_wandb, step_signals)
+from runtime import (append_log, keep_freed_memory, load_config, log_record, rng_state,
+                     role_fields, seed_all, set_rng_state, step_signals)
 from sampling import decode_path
 from update import Episode, update_role
 import vllm_engine
+import wandb_guard
 from vlm import (ROLES, build_policies, core_model, generate, image_sizing, log_sampling,
                  make_prompts, role_sampling, step_embedder)
 
@@ -52,6 +55,7 @@ class TrainState:
     wandb_id: str = ""
     skipped_images: int = 0
     bad_images: dict = field(default_factory=dict)  # path -> reason: a resume skips, not re-counts
+    image_cursor: int = 0  # the next unused position of the image stream (image_stream.py)
     nonfinite_skips: int = 0
     nonfinite_in_a_row: int = 0
 
@@ -137,11 +141,15 @@ def train_step(run: Run, step: int, timer=no_timer) -> list[dict] | None:
     nothing has changed. `timer(phase)` is a context manager around each phase (see no_timer)."""
     cfg, dist, st, policies = run.cfg, run.dist, run.st, run.policies
     t0, B, N = time.time(), cfg.images_per_step, cfg.num_solver_samples
-    first = ((step - 1) * dist.world + dist.rank) * B  # ranks take consecutive blocks of B
-    paths, images = zip(*[run.pool.get(first + b) for b in range(B)])
+    drawn, cursor, found = image_stream.draw(run.pool, st.image_cursor, dist.rank, dist.world,
+                                             B, dist.gather)
+    paths, images = zip(*drawn)
     eps = rollout(cfg, policies, list(images), run.stop, timer, run.engine, (step, dist.rank))
     if dist.any(bool(run.stop.signum)):
         return None
+    st.image_cursor = cursor
+    st.bad_images.update(found)  # every rank found the same: skipped, not retried, on resume too
+    st.skipped_images = len(st.bad_images)
     solver, s_ep, p_ep = policies["solver"], eps["solver"], eps["proposer"]
     answers = [s_ep.rollout.texts[b * N:(b + 1) * N] for b in range(B)]
     with timer("rewards"):  # per image, one embedder call for all majority groups
@@ -159,7 +167,6 @@ def train_step(run: Run, step: int, timer=no_timer) -> list[dict] | None:
     if proposer_updated and run.engine is not None:
         with timer("proposer_sync"):
             run.engine.sync("proposer", policies["proposer"])
-    sync_bad_images(run.pool, st, dist)
     # Ranks must hold identical adapters; the checksum in every record lets anyone check.
     # float64 accumulation without float64 copies of the weights, and one device sync (the
     # sums of a model split over devices gathered on the first parameter's).
@@ -193,16 +200,6 @@ def sampling_signals(roll) -> dict:
             "completion_lengths": roll.mask.sum(1).tolist(),
             "completions_clipped": int((~roll.ended).sum()) if roll.ended is not None else 0,
             "token_entropy": entropy}
-
-
-def sync_bad_images(pool: ImagePool, st: TrainState, dist: Dist) -> None:
-    """Unreadable images found by any rank join one checkpointed set that every rank skips, so
-    skipped_images counts distinct files, and a resumed run neither retries nor re-counts them."""
-    new = {path: why for path, why in pool.bad.items() if path not in st.bad_images}
-    for found in dist.gather(new):
-        st.bad_images.update(found)
-        pool.bad.update(found)
-    st.skipped_images = len(st.bad_images)
 
 
 # ---------------------------------------------------------------- setup, resume, save
@@ -241,14 +238,20 @@ def start_run(cfg: Config, dist: Dist):
     """The Run, inside its locked folder (one trainer per run, until exit): image pool, both
     policies and their optimizers, restored from the newest checkpoint if there is one."""
     resolve_device_map(cfg, dist)
-    check_data_dir(cfg.data_dir)  # before a run folder is made for nothing
+    # Everything checkable without a model, before a run folder is made for nothing.
+    check_data_dir(cfg.data_dir)
+    problem = dist.broadcast(wandb_guard.login_problem(cfg) if dist.is_main else None)
+    if problem:
+        raise UserError(problem)
+    for model in dict.fromkeys((cfg.solver_model, cfg.proposer_model)):
+        load_config(model)  # a wrong path or hub id; the weights are checked as they load
+    pool = ImagePool(cfg.data_dir, cfg.include_subfolders_list, cfg.seed, cfg.max_pixels)
+    if len(set(dist.gather(pool.fingerprint()))) > 1:  # the seeded order needs one path list
+        raise UserError(f"the ranks found different image lists in {cfg.data_dir} (files "
+                        f"added or removed while scanning?); rerun once the folder is stable")
     name = dist.broadcast(cfg.wandb_run_name or time.strftime("run-%Y%m%d-%H%M%S"))
     run_dir = os.path.join(cfg.output_dir, name)
-    with run_lock(run_dir, name, dist):  # makes run_dir
-        pool = ImagePool(cfg.data_dir, cfg.include_subfolders_list, cfg.seed, cfg.max_pixels)
-        if len(set(dist.gather(pool.fingerprint()))) > 1:  # the seeded order needs one path list
-            raise UserError(f"the ranks found different image lists in {cfg.data_dir} (files "
-                            f"added or removed while scanning?); rerun once the folder is stable")
+    with run_lock(run_dir, name, dist):  # makes run_dir; removes it again if the start fails
         seed_all(cfg.seed)  # identical LoRA init on every rank
         policies, optimizers = build_models(cfg, pool)
         if dist.is_main:  # which decode step sampling runs, and why: a slow path must not be silent
@@ -267,8 +270,9 @@ def start_run(cfg: Config, dist: Dist):
         seed_all(cfg.seed + dist.rank)  # different samples on every rank
         resumed = resume(run)
         if dist.is_main:
-            print(f"run {name}: " + (f"resuming from {resumed} at step {run.st.step + 1}"
-                                     if resumed else "starting at step 1"), flush=True)
+            print(startup.pool_summary(pool, len(run.st.bad_images)), flush=True)
+            print(startup.run_summary(name, run_dir, resumed, run.st.step + 1,
+                                      generated=not cfg.wandb_run_name), flush=True)
         if cfg.rollout_engine == "vllm":  # after resume: serves the adapters training goes on from
             run.engine = vllm_engine.start(cfg, policies, dist, pool.max_pixels, pool.factor)
         try:
@@ -292,7 +296,8 @@ def resume(run: Run) -> str | None:
             ckpt.truncate_log(run.log_path, 0)
         return None
     # Validated against this run's own state and optimizers before anything is applied.
-    saved = ckpt.load_checkpoint(path, run.policies, run.optimizers, template=vars(st))
+    template = {k: v for k, v in vars(st).items() if k != "image_cursor"}  # older checkpoints
+    saved = ckpt.load_checkpoint(path, run.policies, run.optimizers, template=template)
     changed = ckpt.changed_flags(path, saved["config"], cfg.to_dict())
     if changed and dist.is_main:
         log.warning("resuming %s with changed flags (the new values apply): %s", path,
@@ -306,8 +311,9 @@ def resume(run: Run) -> str | None:
         run.optimizers[role].load_state_dict(saved["optimizers"][role])
         for group in run.optimizers[role].param_groups:  # the flags given now win over saved ones
             group["lr"], group["weight_decay"] = cfg.lr, cfg.weight_decay
-    for key in vars(st):
+    for key in template:
         setattr(st, key, saved["train_state"][key])
+    st.image_cursor = image_stream.saved_cursor(saved)
     rngs = saved["rng"]
     rng = rngs[dist.rank] if dist.rank < len(rngs) else rngs[0]
     note = set_rng_state(rng, run.cuda_devices)
@@ -368,7 +374,7 @@ def loop(run: Run) -> int:
     run.stop, rng, saved_step = Stop(), rng_state(run.cuda_devices), st.step
     listed = set(run.pool.paths)  # a file since removed from the folder must not count as a pool file
     run.pool.bad.update({path: why for path, why in st.bad_images.items() if path in listed})
-    wandb_run = start_wandb(cfg, run.name, run.dir, st) if dist.is_main else None
+    tracker = wandb_guard.Tracker(cfg, run.name, run.dir, st) if dist.is_main else None
     bar = tqdm(total=cfg.total_steps, initial=st.step, disable=not dist.is_main, desc=run.name)
     try:
         for step in range(st.step + 1, cfg.total_steps + 1):
@@ -378,7 +384,7 @@ def loop(run: Run) -> int:
             st.step, rng = step, rng_state(run.cuda_devices)
             if dist.is_main:
                 append_log(run.log_path, records)
-                log_wandb(wandb_run, records, cfg.wandb_log_images_every)
+                tracker.log(records)
                 show_progress(bar, records, run)
             if step % cfg.save_every == 0 or step == cfg.total_steps:
                 save(run, rng)
@@ -392,8 +398,8 @@ def loop(run: Run) -> int:
         bar.close()
     if st.step != saved_step:
         save(run, rng)
-    if wandb_run is not None:
-        wandb_run.finish()
+    if tracker is not None:
+        tracker.finish()
     if dist.is_main:
         print(f"checkpoints: {run.dir}/step_*/  log: {run.log_path}", flush=True)
     signum = max(dist.gather(run.stop.signum))  # the signal any rank received

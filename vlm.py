@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
@@ -20,6 +21,12 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 import runtime
 import config
 from sampling import Sampling, decode, eos_tensor
+
+# peft (0.17 to 0.18) reads model.is_gradient_checkpointing when it wraps or loads an adapter,
+# which transformers 5 deprecates with a FutureWarning on every command; the call is peft's to
+# change, so only that one warning is silenced.
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
+                        category=FutureWarning)
 
 log = logging.getLogger("ireasoner")
 ROLES = ("solver", "proposer")

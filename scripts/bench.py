@@ -39,6 +39,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import bench_reference  # noqa: E402
+import cli  # noqa: E402
 import sampling  # noqa: E402
 import train  # noqa: E402
 from config import Config  # noqa: E402
@@ -64,7 +65,7 @@ ENGINES = ("hf", "hf_layers", "vllm")  # our loop (--decode decides the step), H
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = cli.ArgumentParser(prog="python scripts/bench.py", description=__doc__.splitlines()[0])
     for name, default in MODEL_FLAGS.items():
         p.add_argument(f"--{name}", type=type(default), default=None,
                        help=f"model shape (default {default!r}; --preset 3b sets the 3B value)")
@@ -99,7 +100,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--vllm_gpu_memory_utilization", type=float, default=0.3)
     p.add_argument("--runs", default="runs", help="cache folder for the model and images")
     p.add_argument("--json", default="", help="also write the figures to this JSON file")
-    args = p.parse_args(argv)
+    args = cli.parse_or_exit(p, argv)
     try:
         args.images_per_step = sorted({int(b) for b in args.images_per_step.split(",")
                                        if b.strip()})

@@ -12,7 +12,6 @@ Also checks that two pools (as on two ranks) give the same seeded order.
 """
 from __future__ import annotations
 
-import argparse
 import io
 import os
 import resource
@@ -25,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from PIL import Image  # noqa: E402
 
+import cli  # noqa: E402
 import data_and_utils as D  # noqa: E402
 
 
@@ -76,11 +76,11 @@ def timed(fn):
     return out, time.perf_counter() - t0
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv=None) -> int:
+    ap = cli.ArgumentParser(prog="python scripts/bench_scan.py", description=__doc__.splitlines()[0])
     ap.add_argument("--root", default=os.path.join(tempfile.gettempdir(), "ireasoner-scan-bench"))
     ap.add_argument("--files", type=int, default=200_000)
-    args = ap.parse_args()
+    args = cli.parse_or_exit(ap, argv)
     data = os.path.join(args.root, f"data-{args.files}")
     _, made = timed(lambda: make_tree(data, args.files))
     print(f"tree: {args.files} files in 2000 folders under {data} (made/checked in {made:.1f} s)")

@@ -10,7 +10,6 @@ tests/test_readme.py checks that the committed file is this script's output.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import inspect
 import os
@@ -20,6 +19,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import cli  # noqa: E402
 import config  # noqa: E402
 
 OUT = os.path.join(ROOT, "docs", "flags.md")
@@ -126,10 +126,10 @@ def render() -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = cli.ArgumentParser(prog="python scripts/gen_flags.py", description=__doc__.split("\n")[0])
     p.add_argument("--check", action="store_true",
                    help="compare docs/flags.md with what would be written; exit 1 if they differ")
-    args = p.parse_args(argv)
+    args = cli.parse_or_exit(p, argv)
     text = render()
     if args.check:
         try:

@@ -113,40 +113,43 @@ def position(pool: ImagePool, pos: int) -> str:
     return pool.order(pos // n)[pos % n]
 
 
-def expected_run(pool: ImagePool, bad: set, deleted: str, deleted_from: int, steps: int):
-    """Step s reads from stream position s - 1 onwards and takes the first readable image.
-    Returns (image used per step, skipped count per step, bad paths in order of discovery)."""
-    used, counts, found = [], [], []
+def expected_run(pool: ImagePool, bad: set, deleted: str | None, deleted_from: int, steps: int):
+    """The stream walked from a cursor: known-bad files are passed over, a newly unreadable one
+    is recorded and passed over, the first readable one is the step's (image_stream.py).
+    Returns (image used per step, skipped count per step, bad paths in order of discovery,
+    the stream positions of the known-bad files passed over after step deleted_from - 1)."""
+    used, counts, found, known_again, pos = [], [], [], [], 0
     for s in range(1, steps + 1):
-        pos = s - 1
         while True:
             path = position(pool, pos)
+            pos += 1
             unreadable = os.path.basename(path) in bad or (path == deleted and s >= deleted_from)
             if not unreadable:
                 break
-            if path not in found:
+            if path in found:
+                if s >= deleted_from:
+                    known_again.append(path)
+            else:
                 found.append(path)
-            pos += 1
         used.append(path)
         counts.append(len(found))
-    return used, counts, found
+    return used, counts, found, known_again
 
 
 def plan(data: str, bad: set) -> tuple[int, int, str]:
-    """(seed, c, deleted): run 1 stops at step c with bad files at positions c-1 and c, so
-    run 2 starts on a file run 1 already found bad (it must be neither retried nor re-counted).
-    `deleted` is the second readable image from position c on: step c + 1 uses the first, so
-    deleting it as run 2 starts always comes before the trainer needs it."""
+    """(seed, c, deleted): run 1 stops at step c, having found a bad file that run 2 meets
+    again (it must be neither retried nor re-counted). `deleted` is the second readable image
+    run 2 reaches: step c + 1 uses the first, so deleting it as run 2 starts always comes
+    before the trainer needs it."""
     for seed in range(500):
         pool = ImagePool(data, None, seed, MAX_PIXELS)
-        is_bad = [os.path.basename(position(pool, p)) in bad for p in range(len(pool))]
-        for c in range(2, len(pool) - 3):
-            if not (is_bad[c - 1] and is_bad[c]):
-                continue
-            goods = [p for p in range(c, len(pool)) if not is_bad[p]]
-            if len(goods) >= 2:
-                return seed, c, position(pool, goods[1])
-    raise AssertionError("no seed puts two bad files side by side; add bad files")
+        c = len(pool) // 2
+        used, _, found, _ = expected_run(pool, bad, None, 0, len(pool))
+        deleted = used[c + 1]
+        _, _, found, again = expected_run(pool, bad, deleted, c + 1, len(pool))
+        if again and deleted in found:
+            return seed, c, deleted
+    raise AssertionError("no seed makes run 2 meet a bad file run 1 found; add bad files")
 
 
 def start(argv: list, out: str, tag: str) -> subprocess.Popen:
@@ -194,8 +197,8 @@ def test_hostile_data_folder_trains_and_counts_skips(tiny_model, tmp_path):
     assert names == sorted(good | bad)  # symlink loops and links: every file exactly once
     seed, c, deleted = plan(data, bad)
     pool = ImagePool(data, None, seed, MAX_PIXELS)
-    steps = len(pool)  # step s starts at position s - 1: every file is reached
-    used, counts, found = expected_run(pool, bad, deleted, c + 1, steps)
+    steps = len(pool)  # more positions than files: every file is reached
+    used, counts, found, _ = expected_run(pool, bad, deleted, c + 1, steps)
     assert {os.path.basename(p) for p in found} == bad | {os.path.basename(deleted)}
 
     out = str(tmp_path / "out")

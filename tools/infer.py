@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 
 import torch
 from tqdm import tqdm
-from transformers import HfArgumentParser
 
 import checkpoint
+from cli import DataclassParser
 import rewards
 import vlm
 from config import Config, EvalArgs, ExportArgs, InferArgs
@@ -49,9 +49,9 @@ SCORING_FIELDS = ("solver_soft_gamma", "len_penalty_weight", "len_penalty_target
 COMMAND_ARGS = {"infer": InferArgs, "eval": EvalArgs, "export": ExportArgs}
 
 
-class _Parser(HfArgumentParser):
+class _Parser(DataclassParser):
     def error(self, message):  # one line via main(), not argparse's usage dump + exit
-        raise UserError(f"{self.prog}: {message}")
+        raise UserError(f"{self.prog}: {message} (see {self.prog} --help)")
 
 
 def parse_args(command: str, argv: list[str], dataclass_type=None):
@@ -63,7 +63,7 @@ def parse_args(command: str, argv: list[str], dataclass_type=None):
     except ValueError as e:  # a failed check in __post_init__
         raise UserError(f"run.py {command}: {e}") from e
     if unknown:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        parser.unrecognized(unknown)
     return args
 
 

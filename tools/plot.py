@@ -11,12 +11,13 @@ per step: every step shows the mean over its records.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import sys
 from collections import defaultdict
+
+import cli
 
 LOG_NAME = "iter_log.jsonl"
 
@@ -151,12 +152,12 @@ def plot(records: list[dict], out: str, title: str) -> str:
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="run.py plot", description=__doc__.split("\n")[0])
+    p = cli.ArgumentParser(prog="run.py plot", description=__doc__.split("\n")[0])
     p.add_argument("run", help="Run folder (runs/<run>) or its iter_log.jsonl.")
     p.add_argument("--out", default="", help="PNG to write (default: <run>/curves.png).")
     try:
-        args = p.parse_args(argv)
-    except SystemExit as e:
+        args = cli.parse_or_exit(p, argv)
+    except SystemExit as e:  # --help, or a mistake (one line printed)
         return e.code if isinstance(e.code, int) else 2
     try:
         records, bad = read_log(args.run)

@@ -18,7 +18,6 @@ generation_config.json. layout="transformers5" writes what transformers 5's save
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
@@ -27,6 +26,7 @@ import sys
 import torch
 from PIL import Image, ImageDraw
 
+import cli
 from runtime import atomic_dir
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",
@@ -342,7 +342,7 @@ def make_counting_eval_set(out_dir: str, n: int = 8, seed: int = 1, size: int = 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tools.tiny",
+    p = cli.ArgumentParser(prog="python -m tools.tiny",
                                 description="Write a tiny random-weight Qwen-VL checkpoint folder.")
     p.add_argument("out", nargs="?", default="runs/tiny-model",
                    help="folder to write (an existing complete one of the same kind is reused; "
@@ -354,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--real_generation_config", action="store_true",
                    help="write Qwen2.5-VL-7B-Instruct's sampling values into generation_config.json "
                         f"({', '.join(f'{k} {v}' for k, v in QWEN2_5_VL_7B_GENERATION.items())})")
-    args = p.parse_args(argv)
+    args = cli.parse_or_exit(p, argv)
     try:
         print(build_tiny_model(args.out, seed=args.seed, family=args.family, layout=args.layout,
                                generation=QWEN2_5_VL_7B_GENERATION if args.real_generation_config
