@@ -59,8 +59,10 @@ class Config:
                         "model's own device is used), as published.", default="")
     attn_implementation: str = _help(f"Attention kernel: one of {ATTN_IMPLEMENTATIONS}.",
                                      default="sdpa")
-    gradient_checkpointing: bool = _help("Recompute activations in the update pass to save memory.",
-                                         default=False)
+    gradient_checkpointing: Optional[bool] = _help(
+        "Recompute activations in the update pass to save memory. Default: on when the memory "
+        "plan needs it on a GPU (the log says so); off on the CPU. An explicit true/false wins.",
+        default=None)
     freeze_vision: bool = _help("Freeze the vision tower (visual.*). --no_freeze_vision (or the "
                                 "published --no-freeze-vision) trains it in full-finetune roles; "
                                 "a LoRA role keeps it frozen either way, as published.",
@@ -137,8 +139,11 @@ class Config:
     baseline: str = _help(f"Advantage baseline: one of {BASELINES} (ema = running mean).",
                           default="ema")
     baseline_momentum: float = _help("EMA baseline: b <- m*b + (1-m)*reward.", default=0.9)
-    update_micro_batch: int = _help("Completions per forward/backward chunk in the update "
-                                    "(0 = all B*N at once). Same result, less memory.", default=0)
+    update_micro_batch: str = _help("Completions per forward/backward chunk in the update "
+                                    "(0 = all B*N at once). Same result, less memory. auto: the "
+                                    "largest chunk the memory plan fits on the GPU, at most one "
+                                    "image's N when memory is short (on the CPU: 0).",
+                                    default="auto")
 
     # ---- KL ----
     kl_coef: float = _help("Initial KL coefficient beta.", default=1e-3)
@@ -196,6 +201,11 @@ class Config:
     wandb_run_name: str = _help("Run name; also the folder under output_dir. Keep it fixed to "
                                 "auto-resume (generated when empty).", default="")
 
+    # ---- memory plan ----
+    memory_budget_gib: float = _help("GiB per rank the memory plan must fit (0 = the GPU's free "
+                                     "memory at start; on the CPU no budget). See "
+                                     "`python run.py plan`.", default=0.0)
+
     def __post_init__(self):
         self.include_subfolders_list = _split(self.include_subfolders)
         self.lora_targets_list = _split(self.lora_targets)
@@ -217,7 +227,7 @@ class Config:
             _check(getattr(self, name) > 0, f"--{name} must be > 0, got {getattr(self, name)}")
         for name in ("weight_decay", "grad_clip", "kl_adapt_rate", "kl_error_clip", "solver_soft_gamma",
                      "len_penalty_weight", "step_group_density_gamma", "step_position_decay",
-                     "update_micro_batch", "clear_cache_every", "max_pixels",
+                     "clear_cache_every", "max_pixels",
                      "proposer_update_freq", "temp", "wandb_log_images_every"):
             _check(getattr(self, name) >= 0, f"--{name} must be >= 0, got {getattr(self, name)}")
         _check(0 < self.top_p <= 1, f"--top_p must be in (0, 1], got {self.top_p}")
@@ -274,6 +284,13 @@ class Config:
                f"--update_mode per_sample conflicts with --images_per_step "
                f"{self.images_per_step}: per_sample steps image by image, as published; use "
                f"--update_mode batched or --images_per_step 1")
+        # memory plan: auto or a number of completions
+        micro = str(self.update_micro_batch)
+        _check(micro == "auto" or (micro.isdigit()),
+               f"--update_micro_batch must be auto or an integer >= 0, got {micro}")
+        self.update_micro_batch = micro if micro == "auto" else int(micro)
+        _check(self.memory_budget_gib >= 0,
+               f"--memory_budget_gib must be >= 0, got {self.memory_budget_gib}")
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -355,6 +372,11 @@ class SampleArgs(ModelArgs):
         "as published (see train.py --help).", default=Config.merge_generation_config)
     seed: int = _help("Sampling seed.", default=0)
 
+    # ---- memory plan ----
+    memory_budget_gib: float = _help("GiB per rank the memory plan must fit (0 = the GPU's free "
+                                     "memory at start; on the CPU no budget). See "
+                                     "`python run.py plan`.", default=0.0)
+
     def __post_init__(self):
         for name in ("samples", "max_new_tokens"):
             _check(getattr(self, name) >= 1, f"--{name} must be >= 1, got {getattr(self, name)}")
@@ -372,6 +394,11 @@ class InferArgs(SampleArgs):
     max_new_tokens_proposer: int = _help("Max new tokens for the proposer's question.",
                                          default=Config.max_new_tokens_proposer)
 
+    # ---- memory plan ----
+    memory_budget_gib: float = _help("GiB per rank the memory plan must fit (0 = the GPU's free "
+                                     "memory at start; on the CPU no budget). See "
+                                     "`python run.py plan`.", default=0.0)
+
     def __post_init__(self):
         super().__post_init__()
         _check(self.max_new_tokens_proposer >= 1,
@@ -386,6 +413,11 @@ class EvalArgs(SampleArgs):
     data: str = _help("JSONL: image (relative to the file), question, answer, optional choices.")
     limit: int = _help("Evaluate the first K good rows.", default=0)
     out: str = _help("Write one JSON result line per row here.", default="")
+
+    # ---- memory plan ----
+    memory_budget_gib: float = _help("GiB per rank the memory plan must fit (0 = the GPU's free "
+                                     "memory at start; on the CPU no budget). See "
+                                     "`python run.py plan`.", default=0.0)
 
     def __post_init__(self):
         super().__post_init__()

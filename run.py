@@ -3,6 +3,7 @@
     python run.py                      # demo: eval, self-train on unlabeled images, eval, curves
     python run.py smoke                # the machinery on random weights (seconds; rerun resumes)
     python run.py plot runs/<run> [--out file.png]   # training curves from iter_log.jsonl
+    python run.py plan <training flags>   # the memory plan per rank, no weights loaded
     python run.py --data_dir ... ...   # exactly `python train.py --data_dir ... ...`
     python run.py infer|eval|export    # use a trained Solver (see README)
 """
@@ -111,6 +112,9 @@ def main(argv: list[str]) -> int:
     if argv[0] == "plot":
         from tools import plot
         return plot.main(argv[1:])
+    if argv[0] == "plan":
+        import memfit
+        return memfit.main(argv[1:])
     if argv[0] in ("infer", "eval", "export"):
         from tools import infer
         return infer.main(argv)
