@@ -109,7 +109,8 @@ class Config:
                                   "against engine/trainer mismatch (0 = off).", default=0.0)
     vllm_gpu_memory_utilization: float = _help(
         "vllm on a GPU: the share of the GPU's memory the engine may take (weights + KV cache), "
-        "beside the trainer's own copy.", default=0.3)
+        "beside the trainer's own copy (0 = what the memory plan leaves free, given to it as "
+        "kv_cache_memory_bytes).", default=0.0)
     vllm_cpu_kv_cache_gib: int = _help("vllm on the CPU: its KV cache in GiB "
                                        "(VLLM_CPU_KVCACHE_SPACE).", default=1)
     vllm_enforce_eager: bool = _help("vllm on a GPU: no CUDA graphs or torch.compile (faster "
@@ -205,6 +206,9 @@ class Config:
     memory_budget_gib: float = _help("GiB per rank the memory plan must fit (0 = the GPU's free "
                                      "memory at start; on the CPU no budget). See "
                                      "`python run.py plan`.", default=0.0)
+    vllm_prefix_caching: bool = _help("vllm: share the prompt's prefill among its N samples "
+                                      "(the cache is reset at every generate, so a resumed run "
+                                      "samples what an unbroken one does).", default=True)
 
     def __post_init__(self):
         self.include_subfolders_list = _split(self.include_subfolders)
@@ -275,8 +279,8 @@ class Config:
         _check(not self.rollout_is_cap or self.rollout_engine == "vllm",
                "--rollout_is_cap corrects for a rollout engine other than the trainer: it needs "
                "--rollout_engine vllm")
-        _check(0 < self.vllm_gpu_memory_utilization <= 1,
-               f"--vllm_gpu_memory_utilization must be in (0, 1], got "
+        _check(0 <= self.vllm_gpu_memory_utilization <= 1,
+               f"--vllm_gpu_memory_utilization must be in [0, 1], got "
                f"{self.vllm_gpu_memory_utilization}")
         _check(self.vllm_cpu_kv_cache_gib >= 1,
                f"--vllm_cpu_kv_cache_gib must be >= 1, got {self.vllm_cpu_kv_cache_gib}")
@@ -376,6 +380,9 @@ class SampleArgs(ModelArgs):
     memory_budget_gib: float = _help("GiB per rank the memory plan must fit (0 = the GPU's free "
                                      "memory at start; on the CPU no budget). See "
                                      "`python run.py plan`.", default=0.0)
+    vllm_prefix_caching: bool = _help("vllm: share the prompt's prefill among its N samples "
+                                      "(the cache is reset at every generate, so a resumed run "
+                                      "samples what an unbroken one does).", default=True)
 
     def __post_init__(self):
         for name in ("samples", "max_new_tokens"):
@@ -398,6 +405,9 @@ class InferArgs(SampleArgs):
     memory_budget_gib: float = _help("GiB per rank the memory plan must fit (0 = the GPU's free "
                                      "memory at start; on the CPU no budget). See "
                                      "`python run.py plan`.", default=0.0)
+    vllm_prefix_caching: bool = _help("vllm: share the prompt's prefill among its N samples "
+                                      "(the cache is reset at every generate, so a resumed run "
+                                      "samples what an unbroken one does).", default=True)
 
     def __post_init__(self):
         super().__post_init__()
@@ -418,6 +428,9 @@ class EvalArgs(SampleArgs):
     memory_budget_gib: float = _help("GiB per rank the memory plan must fit (0 = the GPU's free "
                                      "memory at start; on the CPU no budget). See "
                                      "`python run.py plan`.", default=0.0)
+    vllm_prefix_caching: bool = _help("vllm: share the prompt's prefill among its N samples "
+                                      "(the cache is reset at every generate, so a resumed run "
+                                      "samples what an unbroken one does).", default=True)
 
     def __post_init__(self):
         super().__post_init__()

@@ -42,20 +42,21 @@ def fits(plan: Plan, budget: int) -> bool:
 
 
 def choose(cfg, shapes: Shapes, budget: int | None, device: str = "cuda",
-           vllm_bytes: int = 0) -> Fit:
+           vllm_bytes: int = 0, sleeps: bool = False) -> Fit:
     """The first option that fits `budget`; with no budget (the CPU), today's behaviour: all
     completions in one chunk and checkpointing only if asked. Raises PlanError, naming the
     flags to change, when nothing fits."""
     if budget is None:
         m = 0 if cfg.update_micro_batch == "auto" else int(cfg.update_micro_batch)
-        plan = make_plan(cfg, shapes, m, bool(cfg.gradient_checkpointing), device, vllm_bytes)
+        plan = make_plan(cfg, shapes, m, bool(cfg.gradient_checkpointing), device, vllm_bytes,
+                         vllm_sleeps=sleeps)
         return Fit(plan, None, "no device budget (CPU): no automatic micro-batching or "
                                "checkpointing")
     for m, c in options(cfg):
-        plan = make_plan(cfg, shapes, m, c, device, vllm_bytes)
+        plan = make_plan(cfg, shapes, m, c, device, vllm_bytes, vllm_sleeps=sleeps)
         if fits(plan, budget):
             return Fit(plan, budget, _note(cfg, plan))
-    raise PlanError(refusal(cfg, shapes, budget, device, vllm_bytes))
+    raise PlanError(refusal(cfg, shapes, budget, device, vllm_bytes, sleeps))
 
 
 def _note(cfg, plan: Plan) -> str:
@@ -68,11 +69,13 @@ def _note(cfg, plan: Plan) -> str:
     return "; ".join(parts) or "as the flags say"
 
 
-def refusal(cfg, shapes: Shapes, budget: int, device: str, vllm_bytes: int) -> str:
+def refusal(cfg, shapes: Shapes, budget: int, device: str, vllm_bytes: int,
+            sleeps: bool = False) -> str:
     """One line: what the plan needs at best, and the flags that would make it fit."""
     usable = budget * HEADROOM
     pinned = options(cfg)
-    best = min((make_plan(cfg, shapes, m, c, device, vllm_bytes) for m, c in pinned),
+    best = min((make_plan(cfg, shapes, m, c, device, vllm_bytes, vllm_sleeps=sleeps)
+                for m, c in pinned),
                key=lambda p: p.peak)
     have = f"{fmt(int(usable))} of the {fmt(budget)} free"
     head = (f"the memory plan needs {fmt(best.peak)} per rank at best (--update_micro_batch "
@@ -84,11 +87,11 @@ def refusal(cfg, shapes: Shapes, budget: int, device: str, vllm_bytes: int) -> s
                 f"(--use_lora_solver --use_lora_proposer) or a larger GPU")
     loose = [(m, c) for m in micro_batch_options(cfg) for c in (False, True)]
     for m, c in loose:
-        plan = make_plan(cfg, shapes, m, c, device, vllm_bytes)
+        plan = make_plan(cfg, shapes, m, c, device, vllm_bytes, vllm_sleeps=sleeps)
         if fits(plan, budget):
             return (f"{head}: it fits with --update_micro_batch {m} --gradient_checkpointing "
                     f"{str(c).lower()} ({fmt(plan.peak)}); drop or change the explicit flags")
-    pixels = fitting_pixels(cfg, shapes, budget, device, vllm_bytes)
+    pixels = fitting_pixels(cfg, shapes, budget, device, vllm_bytes, sleeps)
     if pixels:
         return (f"{head}, with images of up to {best.image_tokens} tokens: set --max_pixels "
                 f"{pixels} (or lower --images_per_step {cfg.images_per_step}, "
@@ -98,11 +101,13 @@ def refusal(cfg, shapes: Shapes, budget: int, device: str, vllm_bytes: int) -> s
             f"({cfg.max_new_tokens_solver})")
 
 
-def fitting_pixels(cfg, shapes: Shapes, budget: int, device: str, vllm_bytes: int) -> int:
+def fitting_pixels(cfg, shapes: Shapes, budget: int, device: str, vllm_bytes: int,
+                   sleeps: bool = False) -> int:
     """The largest --max_pixels (a multiple of the token area) at which the leanest option
     fits, or 0."""
     def ok(tokens):
-        return fits(make_plan(cfg, shapes, 1, True, device, vllm_bytes, images=tokens), budget)
+        return fits(make_plan(cfg, shapes, 1, True, device, vllm_bytes, images=tokens,
+                              vllm_sleeps=sleeps), budget)
     lo, hi = 4, image_tokens(cfg, shapes)
     if not ok(lo):
         return 0
@@ -147,20 +152,39 @@ def device_budget(cfg, device_map: str) -> tuple[int | None, int | None, str]:
 
 def plan_run(cfg, device_map: str, is_main: bool = True) -> Fit:
     """Before any weight is loaded: the plan against the device's free memory. Resolves
-    --update_micro_batch auto (cfg.auto_micro_batch) and an unset --gradient_checkpointing;
+    --update_micro_batch auto (cfg.auto_micro_batch), an unset --gradient_checkpointing and,
+    for --rollout_engine vllm on a GPU, the engine's KV cache (cfg.vllm_kv_cache_bytes);
     raises PlanError when nothing fits."""
-    from memplan import read_model, shapes_of, vllm_min_bytes, prompt_tokens
-    shapes = shapes_of(*read_model(cfg.solver_model))
+    from memplan import read_model, shapes_of
+    shapes = shapes_of(*read_model(cfg.solver_model, download=True))
     budget, free, device = device_budget(cfg, device_map)
-    vllm = 0
-    if cfg.rollout_engine == "vllm" and device != "cpu":
-        vllm = vllm_min_bytes(cfg, shapes, prompt_tokens(cfg, shapes))
-    fit = choose(cfg, shapes, budget, device, vllm)
+    fit = fit_with_engine(cfg, shapes, budget, device)
     cfg.auto_micro_batch = fit.plan.micro_batch
     if cfg.gradient_checkpointing is None:
         cfg.gradient_checkpointing = fit.plan.checkpointing
     if is_main:
         log.info("%s", report(fit, cfg, free, device))
+    return fit
+
+
+def fit_with_engine(cfg, shapes: Shapes, budget: int | None, device: str) -> Fit:
+    """choose(), with a vLLM engine on a GPU given what the trainer leaves: all the rest of the
+    budget, less the update's peak unless the engine sleeps through it (level 1, on GPUs)."""
+    from memplan import prompt_tokens, vllm_min_bytes, vllm_weight_bytes
+    if cfg.rollout_engine != "vllm" or device == "cpu" or budget is None:
+        return choose(cfg, shapes, budget, device)
+    sleeps = device.startswith("cuda")
+    if cfg.vllm_gpu_memory_utilization:  # explicit: that share of the card, as vLLM counts it
+        return choose(cfg, shapes, budget, device,
+                      int(cfg.vllm_gpu_memory_utilization * budget), sleeps)
+    fit = choose(cfg, shapes, budget, device, vllm_min_bytes(cfg, shapes, prompt_tokens(cfg, shapes)),
+                 sleeps)
+    p = fit.plan
+    share = int(budget * HEADROOM) - p.fixed - (0 if sleeps else p.update)
+    p.vllm = share
+    cfg.vllm_kv_cache_bytes = share - vllm_weight_bytes(cfg, shapes)
+    fit.note += (f"; vLLM gets {fmt(share)} (KV cache {fmt(cfg.vllm_kv_cache_bytes)}), "
+                 f"{'asleep' if sleeps else 'awake'} during the update")
     return fit
 
 
@@ -170,18 +194,19 @@ def main(argv: list[str]) -> int:
     or for --memory_budget_gib, or (neither) an 80 GiB card."""
     import sys
     from config import parse_config
-    from memplan import read_model, shapes_of, vllm_min_bytes, prompt_tokens
+    from memplan import read_model, shapes_of
     try:
         cfg = parse_config(argv)
         shapes = shapes_of(*read_model(cfg.solver_model))
         budget, free, device = device_budget(cfg, cfg.device_map)
-        if budget is None:
-            budget, device = 80 * GIB, "an assumed 80 GiB GPU (--memory_budget_gib sets another)"
-        vllm = (vllm_min_bytes(cfg, shapes, prompt_tokens(cfg, shapes))
-                if cfg.rollout_engine == "vllm" else 0)
-        fit = choose(cfg, shapes, budget, "cuda", vllm)
+        if device == "cpu":  # planning for a GPU on a machine without one
+            budget = budget or 80 * GIB
+            device = (f"cuda (no GPU here: a card with {fmt(budget)} free assumed; --memory_budget_gib "
+                      f"sets another)")
+        fit = fit_with_engine(cfg, shapes, budget, device)
     except ValueError as e:  # PlanError and Config's checks: one line
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(report(fit, cfg, free if free is not None else budget, device))
+    print(report(fit, cfg, free if free is not None else budget, device.split(" (")[0]
+                 if free is not None else device))
     return 0

@@ -24,6 +24,7 @@ DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 CUDA_CONTEXT = 1.0 * GIB   # CUDA context, cuBLAS workspaces and allocator slack per process
 HEADROOM = 0.93            # the plan must fit in this share of the free memory (fragmentation)
 TEMPLATE_TOKENS = 40       # chat template and vision markers around the prompt text
+ENGINE_OVERHEAD = 2 * GIB  # a vLLM engine's activations, sampler and CUDA graphs
 
 
 class PlanError(ValueError):
@@ -75,9 +76,10 @@ def shipped_configs() -> dict[str, str]:
     return found
 
 
-def read_model(name: str) -> tuple[dict, dict]:
+def read_model(name: str, download: bool = False) -> tuple[dict, dict]:
     """(config.json, preprocessor_config.json) of a local folder, a shipped config, or a hub
-    id already in the local HF cache; never a download."""
+    id already in the local HF cache; `download`: else fetch those two small files (training
+    does, as it downloads the model next)."""
     if os.path.isdir(name):
         return _read_json(name, "config.json"), _read_json(name, "preprocessor_config.json",
                                                             required=False)
@@ -91,12 +93,24 @@ def read_model(name: str) -> tuple[dict, dict]:
         path = try_to_load_from_cache(name, "config.json")
     except Exception:  # not a valid repo id: reported below like any unknown name
         path = None
+    if not isinstance(path, str) and download:
+        path = _fetch_config(name)
     if isinstance(path, str):
         folder = os.path.dirname(path)
         return _read_json(folder, "config.json"), _read_json(folder, "preprocessor_config.json",
                                                               required=False)
     raise PlanError(f"no config.json for {name}: give a local model folder or one of the shipped "
                     f"configs ({', '.join(shipped)})")
+
+
+def _fetch_config(name: str) -> str | None:
+    try:
+        from huggingface_hub import hf_hub_download
+        path = hf_hub_download(name, "config.json")
+        hf_hub_download(name, "preprocessor_config.json")
+        return path
+    except Exception:  # unreachable hub, unknown id: reported as no config.json
+        return None
 
 
 def _read_json(folder: str, name: str, required: bool = True) -> dict:
@@ -171,6 +185,7 @@ class Plan:
     prompt_tokens: int
     micro_batch: int            # completions per update chunk (resolved)
     checkpointing: bool
+    vllm_sleeps: bool = False   # the engine sleeps (level 1) through the update
 
     @property
     def fixed(self) -> int:
@@ -182,6 +197,8 @@ class Plan:
 
     @property
     def peak(self) -> int:
+        if self.vllm_sleeps:
+            return self.fixed + max(self.vllm + self.sampling_kv, self.update)
         return self.fixed + self.vllm + max(self.sampling_kv, self.update)
 
 
@@ -259,15 +276,18 @@ def update_bytes(cfg, shapes: Shapes, P: int, chunk: int, checkpointing: bool) -
     rows = min(chunk, B * N)
     images = min(B, -(-rows // N) + (1 if rows % N and N % rows else 0))
     per_tok, kv_rep = token_bytes(cfg, shapes), 2 * s * shapes.q_dim
+    # The backward of one layer holds gradients of its MLP-wide and hidden-wide tensors.
+    backward = 2 * s * (shapes.intermediate + shapes.hidden)
     if checkpointing:  # one joint forward of rows * (P + L) positions, no shared prompt
         T = rows * (P + L)
         act = (layers * T * s * shapes.hidden                  # each layer's saved input
-               + 2 * T * (per_tok + kv_rep)                    # one layer recomputed + its grads
+               + T * (per_tok + kv_rep + backward)             # one layer recomputed, its grads
                + rows * (P + L) ** 2)                          # the boolean 4-D mask
     else:  # the prompts once with the cache, then the completions against it (update.py)
-        act = layers * ((images * P + rows * L) * per_tok + images * P * kv_rep
+        T = images * P + rows * L
+        act = layers * (T * per_tok + images * P * kv_rep
                         + rows * (P + L) * (kv_rep + 2 * s * shapes.kv_dim)) \
-            + rows * L * (P + L)
+            + rows * L * (P + L) + T * backward
     vocab = rows * L * shapes.vocab * (s + 4 * 7)  # logits, ref, log-softmax, exp, diff, grads
     return act, vocab
 
@@ -288,7 +308,7 @@ def micro_batch_options(cfg) -> list[int]:
 
 
 def make_plan(cfg, shapes: Shapes, micro_batch: int, checkpointing: bool, device: str = "cuda",
-              vllm_bytes: int = 0, images: int | None = None) -> Plan:
+              vllm_bytes: int = 0, images: int | None = None, vllm_sleeps: bool = False) -> Plan:
     images = image_tokens(cfg, shapes) if images is None else images
     P = prompt_tokens(cfg, shapes, images)
     weights, adapters = weight_bytes(cfg, shapes)
@@ -296,17 +316,27 @@ def make_plan(cfg, shapes: Shapes, micro_batch: int, checkpointing: bool, device
     act, vocab = update_bytes(cfg, shapes, P, chunk, checkpointing)
     return Plan(weights=weights, adapters=adapters,
                 context=CUDA_CONTEXT if device.startswith("cuda") else 0,
-                sampling_kv=sampling_bytes(cfg, shapes, P), update_activations=act,
-                update_logits=vocab, vllm=vllm_bytes, image_tokens=images, prompt_tokens=P,
-                micro_batch=chunk, checkpointing=checkpointing)
+                sampling_kv=0 if cfg.rollout_engine == "vllm" else sampling_bytes(cfg, shapes, P),
+                update_activations=act, update_logits=vocab, vllm=vllm_bytes,
+                image_tokens=images, prompt_tokens=P, micro_batch=chunk,
+                checkpointing=checkpointing, vllm_sleeps=vllm_sleeps)
+
+
+def vllm_weight_bytes(cfg, shapes: Shapes) -> int:
+    """The engine's own copy of the base and its two adapters, and its activations and CUDA
+    graphs (ENGINE_OVERHEAD)."""
+    s = DTYPE_BYTES[cfg.dtype]
+    return ((shapes.lm_params() + shapes.vision_params) * s + 2 * lora_params(cfg, shapes) * s
+            + ENGINE_OVERHEAD)
 
 
 def vllm_min_bytes(cfg, shapes: Shapes, P: int) -> int:
-    """The engine's own weights and the KV cache one step's B*N rows need at full length."""
+    """The engine's weights and the KV cache one step's B*N rows need at full length (with
+    prefix caching the N samples share the prompt's blocks; counted whole, on the safe side)."""
     s = DTYPE_BYTES[cfg.dtype]
     kv = shapes.layers * cfg.images_per_step * cfg.num_solver_samples * \
         (P + cfg.max_new_tokens_solver) * 2 * s * shapes.kv_dim
-    return (shapes.lm_params() + shapes.vision_params) * s + 2 * lora_params(cfg, shapes) * s + kv
+    return vllm_weight_bytes(cfg, shapes) + kv
 
 
 def fmt(b: int) -> str:

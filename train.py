@@ -24,6 +24,7 @@ from tqdm import tqdm
 from transformers import StoppingCriteria
 
 import checkpoint as ckpt
+import memfit
 import rewards as R
 from config import Config, parse_config
 from data_and_utils import (ImagePool, check_data_dir, extract_question, proposer_prompt,
@@ -145,17 +146,20 @@ def train_step(run: Run, step: int, timer=no_timer) -> list[dict] | None:
         rws = R.compute_rewards_batch(cfg, answers, step, step_embedder(solver, cfg))
     s_ep.rewards = [r for rw in rws for r in rw["reward_final"]]
     p_ep.rewards = [rw["proposer_reward"] for rw in rws]
+    if run.engine is not None:  # level 1 sleep where supported: its memory for the update
+        run.engine.sleep()
     roles = update_role(cfg, "solver", policies, run.optimizers, s_ep, st, dist, timer)
-    if run.engine is not None:  # the next rollout must come from the new weights
-        with timer("solver_sync"):
-            run.engine.sync("solver", solver)
     proposer_updated = cfg.proposer_update_freq > 0 and step % cfg.proposer_update_freq == 0
     roles.update(update_role(cfg, "proposer", policies, run.optimizers, p_ep, st, dist, timer)
                  if proposer_updated else
                  role_fields("proposer", None, per_sample=cfg.update_mode == "per_sample"))
-    if proposer_updated and run.engine is not None:
-        with timer("proposer_sync"):
-            run.engine.sync("proposer", policies["proposer"])
+    if run.engine is not None:  # the next rollout must come from the new weights
+        run.engine.wake()
+        with timer("solver_sync"):
+            run.engine.sync("solver", solver)
+        if proposer_updated:
+            with timer("proposer_sync"):
+                run.engine.sync("proposer", policies["proposer"])
     sync_bad_images(run.pool, st, dist)
     # Ranks must hold identical adapters; the checksum in every record lets anyone check.
     # float64 accumulation without float64 copies of the weights, and one device sync.
@@ -233,6 +237,10 @@ def start_run(cfg: Config, dist: Dist):
     policies and their optimizers, restored from the newest checkpoint if there is one."""
     resolve_device_map(cfg, dist)
     check_data_dir(cfg.data_dir)  # before a run folder is made for nothing
+    try:  # before any weight is loaded: what fits this rank's device, or a one-line refusal
+        memfit.plan_run(cfg, cfg.device_map, dist.is_main)
+    except memfit.PlanError as e:
+        raise UserError(str(e)) from None
     name = dist.broadcast(cfg.wandb_run_name or time.strftime("run-%Y%m%d-%H%M%S"))
     run_dir = os.path.join(cfg.output_dir, name)
     with run_lock(run_dir, name, dist):  # makes run_dir
