@@ -125,11 +125,20 @@ def test_images_above_the_cap_are_resized_counted_and_logged(tmp_path, caplog):
     assert "above the image cap" in caplog.text
 
 
-GRID_POINTS = [(1, 5, 32, False, 0), (2, 5, 32, False, 5), (1, 5, 32, True, 0)]
+# The issue asks for +-25%; the grid of docs/performance.md measured 0.94-1.09, so 15% here.
+GRID_POINTS = [("tiny", (1, 5, 32, False, 0)), ("tiny", (2, 5, 32, False, 5)),
+               ("tiny", (1, 5, 32, True, 0)), ("mid", (1, 5, 32, False, 0))]
 
 
-@pytest.mark.parametrize("point", GRID_POINTS)
-def test_plan_within_25_percent_of_measured_update_peak(tiny_model, point):
+@pytest.fixture(scope="module")
+def grid_models(tmp_path_factory):
+    from tools.memcheck import build
+    root = str(tmp_path_factory.mktemp("memcheck"))
+    return {preset: build(preset, root) for preset in ("tiny", "mid")}
+
+
+@pytest.mark.parametrize("preset,point", GRID_POINTS)
+def test_plan_within_15_percent_of_measured_update_peak(grid_models, preset, point):
     from tools.memcheck import measure
-    r = measure(tiny_model, *point)
-    assert r["plan"] == pytest.approx(r["measured"], rel=0.25), r
+    r = measure(grid_models[preset], *point)
+    assert r["plan"] == pytest.approx(r["measured"], rel=0.15), r
