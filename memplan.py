@@ -81,8 +81,7 @@ def read_model(name: str, download: bool = False) -> tuple[dict, dict]:
     id already in the local HF cache; `download`: else fetch those two small files (training
     does, as it downloads the model next)."""
     if os.path.isdir(name):
-        return _read_json(name, "config.json"), _read_json(name, "preprocessor_config.json",
-                                                            required=False)
+        return _read_json(name, "config.json"), _preprocessor(name)
     shipped = shipped_configs()
     if name in shipped:
         with open(shipped[name]) as f:
@@ -97,10 +96,17 @@ def read_model(name: str, download: bool = False) -> tuple[dict, dict]:
         path = _fetch_config(name)
     if isinstance(path, str):
         folder = os.path.dirname(path)
-        return _read_json(folder, "config.json"), _read_json(folder, "preprocessor_config.json",
-                                                              required=False)
+        return _read_json(folder, "config.json"), _preprocessor(folder)
     raise PlanError(f"no config.json for {name}: give a local model folder or one of the shipped "
                     f"configs ({', '.join(shipped)})")
+
+
+def _preprocessor(folder: str) -> dict:
+    """The image processor's settings: preprocessor_config.json (hub layout), else the
+    image_processor part of transformers 5's processor_config.json."""
+    pre = _read_json(folder, "preprocessor_config.json", required=False)
+    return pre or _read_json(folder, "processor_config.json", required=False).get(
+        "image_processor", {})
 
 
 def _fetch_config(name: str) -> str | None:

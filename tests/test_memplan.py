@@ -115,6 +115,17 @@ def test_training_refuses_before_loading(tiny_model, image_dir, tmp_path, capsys
     assert not os.path.exists(tmp_path / "refused")  # nothing made, nothing loaded
 
 
+@pytest.mark.slow
+def test_training_logs_the_plan_and_runs_the_chunk_it_chose(tiny_model, image_dir, tmp_path,
+                                                            caplog):
+    args = train_args(tiny_model, image_dir, str(tmp_path), "auto", steps=1, images_per_step="2",
+                      memory_budget_gib="0.03")
+    with caplog.at_level(logging.INFO, logger="ireasoner"):
+        assert train.main(args) == 0
+    assert "memory plan per rank" in caplog.text
+    assert "--update_micro_batch auto -> 5; gradient checkpointing off" in caplog.text
+
+
 def test_images_above_the_cap_are_resized_counted_and_logged(tmp_path, caplog):
     Image.new("RGB", (640, 480), (10, 20, 30)).save(tmp_path / "big.png")
     Image.new("RGB", (56, 56), (10, 20, 30)).save(tmp_path / "small.png")
