@@ -409,8 +409,10 @@ def print_batched(runs: list[dict], memory: str) -> None:
         print(f"  {b:>3} {r['seconds_per_step']:8.3f} {r['seconds_per_image']:8.3f} "
               f"{r['generated_tokens_per_second']:10.0f} {r['tokens_per_second_ratio']:5.2f}x "
               f"{r['generated_tokens_per_cpu_second']:10.0f} "
-              f"{r['tokens_per_cpu_second_ratio']:5.2f}x {split}  {r['peak_memory_mib']:.0f} MiB")
-    print("  (phase columns: wall seconds per image)")
+              f"{r['tokens_per_cpu_second_ratio']:5.2f}x {split}  {r['peak_memory_mib']:.0f} MiB"
+              f" (plan {r['plan_peak_mib']:.0f})")
+    print("  (phase columns: wall seconds per image; plan: memplan.py's tensors, without the "
+          "CUDA context; on the CPU the peak is the whole process's RSS)")
 
 
 def busy(device: str, *runs: dict) -> bool:
