@@ -177,8 +177,8 @@ def fit_with_engine(cfg, shapes: Shapes, budget: int | None, device: str) -> Fit
     if cfg.vllm_gpu_memory_utilization:  # explicit: that share of the card, as vLLM counts it
         return choose(cfg, shapes, budget, device,
                       int(cfg.vllm_gpu_memory_utilization * budget), sleeps)
-    fit = choose(cfg, shapes, budget, device, vllm_min_bytes(cfg, shapes, prompt_tokens(cfg, shapes)),
-                 sleeps)
+    least = vllm_min_bytes(cfg, shapes, prompt_tokens(cfg, shapes))
+    fit = choose(cfg, shapes, budget, device, least, sleeps)
     p = fit.plan
     share = int(budget * HEADROOM) - p.fixed - (0 if sleeps else p.update)
     p.vllm = share
@@ -201,8 +201,8 @@ def main(argv: list[str]) -> int:
         budget, free, device = device_budget(cfg, cfg.device_map)
         if device == "cpu":  # planning for a GPU on a machine without one
             budget = budget or 80 * GIB
-            device = (f"cuda (no GPU here: a card with {fmt(budget)} free assumed; --memory_budget_gib "
-                      f"sets another)")
+            device = (f"cuda (no GPU here: a card with {fmt(budget)} free assumed; "
+                      f"--memory_budget_gib sets another)")
         fit = fit_with_engine(cfg, shapes, budget, device)
     except ValueError as e:  # PlanError and Config's checks: one line
         print(f"error: {e}", file=sys.stderr)

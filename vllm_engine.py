@@ -297,7 +297,8 @@ def start(cfg, policies: dict, dist, max_pixels: int, factor: int) -> VLLMEngine
     if dist.is_main:
         log.info("vLLM: prefix caching %s, sleep mode (level 1 around the update) %s",
                  "on" if cfg.vllm_prefix_caching else "off",
-                 "on" if sleeps else "unsupported here" if torch.cuda.is_available() else "off (CPU)")
+                 "on" if sleeps else
+                 "unsupported here" if torch.cuda.is_available() else "off (CPU)")
     for role in ("solver", "proposer"):
         engine.sync(role, policies[role])
     return engine

@@ -153,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
                          for a in args.attention.split(",")]:
         r = run(args.model, b, args.samples, args.answer_tokens, args.text_tokens, attention)
         gib = lambda x: f"{x / 2**30:.2f} GiB"
-        print(f"B={b}, {attention} attention: rows {r['rows']}, prompt {r['prompt']} tokens, on {r['devices']}: "
+        print(f"B={b}, {attention} attention: rows {r['rows']}, prompt {r['prompt']} tokens, "
+              f"on {r['devices']}: "
               f"tracked forward+loss+KL peak {gib(r['measured'])} (weights {gib(r['params'])} "
               f"apart), plan's forward part {gib(r['plan_forward'])}, plan/measured "
               f"{r['plan_forward'] / r['measured']:.2f}", flush=True)
