@@ -150,13 +150,20 @@ def device_budget(cfg, device_map: str) -> tuple[int | None, int | None, str]:
     return budget or free, free, name
 
 
-def plan_run(cfg, device_map: str, is_main: bool = True) -> Fit:
+def plan_run(cfg, device_map: str, is_main: bool = True) -> Fit | None:
     """Before any weight is loaded: the plan against the device's free memory. Resolves
     --update_micro_batch auto (cfg.auto_micro_batch), an unset --gradient_checkpointing and,
     for --rollout_engine vllm on a GPU, the engine's KV cache (cfg.vllm_kv_cache_bytes);
-    raises PlanError when nothing fits."""
+    raises PlanError when nothing fits. A config that cannot be read is not refused here: the
+    loader, which cannot read it either, says why in its own words."""
     from memplan import read_model, shapes_of
-    shapes = shapes_of(*read_model(cfg.solver_model, download=True))
+    try:
+        shapes = shapes_of(*read_model(cfg.solver_model, download=True))
+    except PlanError as e:  # loading fails next, with the loader's own one-line error
+        log.warning("no memory plan (%s): all completions in one chunk, checkpointing only if "
+                    "asked", e)
+        cfg.auto_micro_batch, cfg.gradient_checkpointing = 0, bool(cfg.gradient_checkpointing)
+        return None
     budget, free, device = device_budget(cfg, device_map)
     fit = fit_with_engine(cfg, shapes, budget, device)
     cfg.auto_micro_batch = fit.plan.micro_batch
