@@ -96,6 +96,18 @@ def test_refusal_names_max_pixels_that_fits():
         memfit.choose(lora_cfg(), shapes, budget=12 * GIB)
 
 
+def test_vllm_gets_what_the_plan_leaves():
+    shapes = seven_b()
+    cfg = lora_cfg(rollout_engine="vllm", max_pixels=1003520, images_per_step=4)
+    fit = memfit.fit_with_engine(cfg, shapes, 80 * GIB, "cuda:0")
+    assert fit.plan.vllm_sleeps and fit.plan.sampling_kv == 0  # the engine samples, and sleeps
+    assert fit.plan.vllm == int(80 * GIB * memplan.HEADROOM) - fit.plan.fixed
+    assert cfg.vllm_kv_cache_bytes == fit.plan.vllm - memplan.vllm_weight_bytes(cfg, shapes)
+    assert cfg.vllm_kv_cache_bytes > 30 * GIB and "vLLM gets" in fit.note
+    pinned = lora_cfg(rollout_engine="vllm", max_pixels=1003520, vllm_gpu_memory_utilization=0.3)
+    assert memfit.fit_with_engine(pinned, shapes, 80 * GIB, "cuda:0").plan.vllm == int(24 * GIB)
+
+
 def test_cpu_without_budget_keeps_todays_behaviour(tiny_model):
     cfg = lora_cfg(solver_model=tiny_model, dtype="float32", images_per_step=2)
     fit = memfit.plan_run(cfg, "cpu")
