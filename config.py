@@ -60,8 +60,10 @@ class Config:
                         "model's own device is used), as published.", default="")
     attn_implementation: str = _help(f"Attention kernel: one of {ATTN_IMPLEMENTATIONS}.",
                                      default="sdpa")
-    gradient_checkpointing: bool = _help("Recompute activations in the update pass to save memory.",
-                                         default=False)
+    gradient_checkpointing: Optional[bool] = _help(
+        "Recompute activations in the update pass to save memory. Default: on when the memory "
+        "plan needs it on a GPU (the log says so); off on the CPU. An explicit true/false wins.",
+        default=None)
     freeze_vision: bool = _help("Freeze the vision tower (visual.*). --no_freeze_vision (or the "
                                 "published --no-freeze-vision) trains it in full-finetune roles; "
                                 "a LoRA role keeps it frozen either way, as published.",
@@ -108,7 +110,8 @@ class Config:
                                   "against engine/trainer mismatch (0 = off).", default=0.0)
     vllm_gpu_memory_utilization: float = _help(
         "vllm on a GPU: the share of the GPU's memory the engine may take (weights + KV cache), "
-        "beside the trainer's own copy.", default=0.3)
+        "beside the trainer's own copy (0 = what the memory plan leaves free, given to it as "
+        "kv_cache_memory_bytes).", default=0.0)
     vllm_cpu_kv_cache_gib: int = _help("vllm on the CPU: its KV cache in GiB "
                                        "(VLLM_CPU_KVCACHE_SPACE).", default=1)
     vllm_enforce_eager: bool = _help("vllm on a GPU: no CUDA graphs or torch.compile (faster "
@@ -138,8 +141,11 @@ class Config:
     baseline: str = _help(f"Advantage baseline: one of {BASELINES} (ema = running mean).",
                           default="ema")
     baseline_momentum: float = _help("EMA baseline: b <- m*b + (1-m)*reward.", default=0.9)
-    update_micro_batch: int = _help("Completions per forward/backward chunk in the update "
-                                    "(0 = all B*N at once). Same result, less memory.", default=0)
+    update_micro_batch: str = _help("Completions per forward/backward chunk in the update "
+                                    "(0 = all B*N at once). Same result, less memory. auto: the "
+                                    "largest chunk the memory plan fits on the GPU, at most one "
+                                    "image's N when memory is short (on the CPU: 0).",
+                                    default="auto")
 
     # ---- KL ----
     kl_coef: float = _help("Initial KL coefficient beta.", default=1e-3)
@@ -204,6 +210,14 @@ class Config:
         "backward), so that a GPU run and its resume repeat bit for bit; slower on GPUs. CPU runs "
         "are deterministic without it (docs/reliability.md).", default=False)
 
+    # ---- memory plan ----
+    memory_budget_gib: float = _help("GiB per rank the memory plan must fit (0 = the GPU's free "
+                                     "memory at start; on the CPU no budget). See "
+                                     "`python run.py plan`.", default=0.0)
+    vllm_prefix_caching: bool = _help("vllm: share the prompt's prefill among its N samples "
+                                      "(the cache is reset at every generate, so a resumed run "
+                                      "samples what an unbroken one does).", default=True)
+
     def __post_init__(self):
         self.include_subfolders_list = _split(self.include_subfolders)
         self.lora_targets_list = _split(self.lora_targets)
@@ -225,7 +239,7 @@ class Config:
             _check(getattr(self, name) > 0, f"--{name} must be > 0, got {getattr(self, name)}")
         for name in ("weight_decay", "grad_clip", "kl_adapt_rate", "kl_error_clip", "solver_soft_gamma",
                      "len_penalty_weight", "step_group_density_gamma", "step_position_decay",
-                     "update_micro_batch", "clear_cache_every", "max_pixels",
+                     "clear_cache_every", "max_pixels",
                      "proposer_update_freq", "temp", "wandb_log_images_every"):
             _check(getattr(self, name) >= 0, f"--{name} must be >= 0, got {getattr(self, name)}")
         _check(0 < self.top_p <= 1, f"--top_p must be in (0, 1], got {self.top_p}")
@@ -273,8 +287,8 @@ class Config:
         _check(not self.rollout_is_cap or self.rollout_engine == "vllm",
                "--rollout_is_cap corrects for a rollout engine other than the trainer: it needs "
                "--rollout_engine vllm")
-        _check(0 < self.vllm_gpu_memory_utilization <= 1,
-               f"--vllm_gpu_memory_utilization must be in (0, 1], got "
+        _check(0 <= self.vllm_gpu_memory_utilization <= 1,
+               f"--vllm_gpu_memory_utilization must be in [0, 1], got "
                f"{self.vllm_gpu_memory_utilization}")
         _check(self.vllm_cpu_kv_cache_gib >= 1,
                f"--vllm_cpu_kv_cache_gib must be >= 1, got {self.vllm_cpu_kv_cache_gib}")
@@ -289,6 +303,13 @@ class Config:
                 "outcome reward is the same (p = 1; only the length penalty varies) and the "
                 "answer entropy is 0 (the Proposer's reward is constant): self-consistency needs "
                 "N >= 2 (default 5)")
+        # memory plan: auto or a number of completions
+        micro = str(self.update_micro_batch)
+        _check(micro == "auto" or (micro.isdigit()),
+               f"--update_micro_batch must be auto or an integer >= 0, got {micro}")
+        self.update_micro_batch = micro if micro == "auto" else int(micro)
+        _check(self.memory_budget_gib >= 0,
+               f"--memory_budget_gib must be >= 0, got {self.memory_budget_gib}")
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -380,6 +401,14 @@ class SampleArgs(ModelArgs):
         "as published (see train.py --help).", default=Config.merge_generation_config)
     seed: int = _help("Sampling seed.", default=0)
 
+    # ---- memory plan ----
+    memory_budget_gib: float = _help("GiB per rank the memory plan must fit (0 = the GPU's free "
+                                     "memory at start; on the CPU no budget). See "
+                                     "`python run.py plan`.", default=0.0)
+    vllm_prefix_caching: bool = _help("vllm: share the prompt's prefill among its N samples "
+                                      "(the cache is reset at every generate, so a resumed run "
+                                      "samples what an unbroken one does).", default=True)
+
     def __post_init__(self):
         for name in ("samples", "max_new_tokens"):
             _check(getattr(self, name) >= 1, f"--{name} must be >= 1, got {getattr(self, name)}")
@@ -397,6 +426,14 @@ class InferArgs(SampleArgs):
     max_new_tokens_proposer: int = _help("Max new tokens for the proposer's question.",
                                          default=Config.max_new_tokens_proposer)
 
+    # ---- memory plan ----
+    memory_budget_gib: float = _help("GiB per rank the memory plan must fit (0 = the GPU's free "
+                                     "memory at start; on the CPU no budget). See "
+                                     "`python run.py plan`.", default=0.0)
+    vllm_prefix_caching: bool = _help("vllm: share the prompt's prefill among its N samples "
+                                      "(the cache is reset at every generate, so a resumed run "
+                                      "samples what an unbroken one does).", default=True)
+
     def __post_init__(self):
         super().__post_init__()
         _check(self.max_new_tokens_proposer >= 1,
@@ -411,6 +448,14 @@ class EvalArgs(SampleArgs):
     data: str = _help("JSONL: image (relative to the file), question, answer, optional choices.")
     limit: int = _help("Evaluate the first K good rows.", default=0)
     out: str = _help("Write one JSON result line per row here.", default="")
+
+    # ---- memory plan ----
+    memory_budget_gib: float = _help("GiB per rank the memory plan must fit (0 = the GPU's free "
+                                     "memory at start; on the CPU no budget). See "
+                                     "`python run.py plan`.", default=0.0)
+    vllm_prefix_caching: bool = _help("vllm: share the prompt's prefill among its N samples "
+                                      "(the cache is reset at every generate, so a resumed run "
+                                      "samples what an unbroken one does).", default=True)
 
     def __post_init__(self):
         super().__post_init__()

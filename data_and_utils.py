@@ -58,7 +58,9 @@ def load_image(path: str, max_pixels: int, min_pixels: int = 56 * 56, factor: in
                 rgb = _to_rgb(img)
     except _LOAD_ERRORS as e:
         raise BadImage(f"{type(e).__name__}: {first_line(e)}"[:200]) from e
-    return _resize(rgb, max_pixels, min_pixels, factor)
+    out = _resize(rgb, max_pixels, min_pixels, factor)
+    out.info["source_pixels"] = rgb.width * rgb.height  # ImagePool counts the downscaled ones
+    return out
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -141,6 +143,7 @@ class ImagePool:
             raise UserError(f"no images found in {data_dir} (looked for {' '.join(IMAGE_EXTENSIONS)})")
         self.bad: dict[str, str] = {}  # path -> reason; known-bad files are skipped instantly
         self.skipped = 0
+        self.downscaled = 0  # images above max_pixels (the memory plan's image-token cap)
         self._order_cache: tuple[int, list[str]] | None = None
 
     def __len__(self) -> int:
@@ -172,7 +175,7 @@ class ImagePool:
             path = self._order(pos // n)[pos % n]
             if path not in self.bad:
                 try:
-                    return path, load_image(path, self.max_pixels, self.min_pixels, self.factor)
+                    return path, self.load(path)
                 except BadImage as e:
                     log.warning("skipping bad image %s: %s", path, e)
                     self.bad[path] = str(e)
@@ -187,6 +190,20 @@ class ImagePool:
                                 f"starting at position {index} (last: {path}: {self.bad[path]}); "
                                 f"check the data folder", local=True)
         raise AssertionError("unreachable: 2n positions cover every path")
+
+    def load(self, path: str) -> Image.Image:
+        """One image at the pool's size (BadImage if unreadable). The memory plan assumes no
+        image above max_pixels: larger ones are resized down to it, counted, and logged (the
+        first, then every 100th)."""
+        image = load_image(path, self.max_pixels, self.min_pixels, self.factor)
+        if image.info.get("source_pixels", 0) <= self.max_pixels:
+            return image
+        self.downscaled += 1
+        if self.downscaled == 1 or self.downscaled % 100 == 0:
+            log.info("%s: %d pixels, above the image cap the memory plan assumes (max_pixels "
+                     "%d): resized down to %dx%d (%d images so far)", path,
+                     image.info["source_pixels"], self.max_pixels, *image.size, self.downscaled)
+        return image
 
 
 def check_data_dir(data_dir: str) -> None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 
-from data_and_utils import BadImage, ImagePool, load_image
+from data_and_utils import BadImage, ImagePool
 from distributed import UserError
 
 log = logging.getLogger("ireasoner")
@@ -67,7 +67,7 @@ def draw(pool: ImagePool, cursor: int, rank: int, world: int, count: int, gather
                 failed.append((path, dict(failed)[path]))
                 continue
             try:
-                got.append((path, load_image(path, pool.max_pixels, pool.min_pixels, pool.factor)))
+                got.append((path, pool.load(path)))
             except BadImage as e:
                 log.warning("skipping bad image %s: %s", path, e)
                 failed.append((path, str(e)))

@@ -3,6 +3,7 @@
     python run.py                      # demo: eval, self-train on unlabeled images, eval, curves
     python run.py smoke                # the machinery on random weights (seconds; rerun resumes)
     python run.py plot runs/<run> [--out file.png]   # training curves from iter_log.jsonl
+    python run.py plan <training flags>   # the memory plan per rank, no weights loaded
     python run.py --data_dir ... ...   # exactly `python train.py --data_dir ... ...`
     python run.py infer|eval|export    # use a trained Solver (see README)
     python run.py --help               # the commands (COMMANDS below), then the training flags
@@ -110,6 +111,11 @@ def plot_main(args: list[str]) -> int:
     return plot.main(args)
 
 
+def plan_main(args: list[str]) -> int:
+    import memfit
+    return memfit.main(args)
+
+
 def tool_main(command: str):
     def run_tool(args: list[str]) -> int:
         from tools import infer
@@ -132,6 +138,8 @@ COMMANDS = {
     "smoke": ("the machinery on random weights (seconds; a rerun resumes)", no_arguments(smoke)),
     "plot": ("training curves from a run's iter_log.jsonl: plot runs/<run> [--out file.png]",
              plot_main),
+    "plan": ("the memory plan per rank for training flags, no weights loaded: plan <flags>",
+             plan_main),
     "infer": ("a trained Solver answers one image: infer --model M --adapter DIR --image F",
               tool_main("infer")),
     "eval": ("accuracy on a JSONL of image, question, answer: eval --model M --data F",

@@ -26,6 +26,7 @@ from transformers import StoppingCriteria
 import checkpoint as ckpt
 import devices
 import image_stream
+import memfit
 import rewards as R
 import startup
 from config import Config, parse_config
@@ -156,17 +157,20 @@ def train_step(run: Run, step: int, timer=no_timer) -> list[dict] | None:
         rws = R.compute_rewards_batch(cfg, answers, step, step_embedder(solver, cfg))
     s_ep.rewards = [r for rw in rws for r in rw["reward_final"]]
     p_ep.rewards = [rw["proposer_reward"] for rw in rws]
+    if run.engine is not None:  # level 1 sleep where supported: its memory for the update
+        run.engine.sleep()
     roles = update_role(cfg, "solver", policies, run.optimizers, s_ep, st, dist, timer)
-    if run.engine is not None:  # the next rollout must come from the new weights
-        with timer("solver_sync"):
-            run.engine.sync("solver", solver)
     proposer_updated = cfg.proposer_update_freq > 0 and step % cfg.proposer_update_freq == 0
     roles.update(update_role(cfg, "proposer", policies, run.optimizers, p_ep, st, dist, timer)
                  if proposer_updated else
                  role_fields("proposer", None, per_sample=cfg.update_mode == "per_sample"))
-    if proposer_updated and run.engine is not None:
-        with timer("proposer_sync"):
-            run.engine.sync("proposer", policies["proposer"])
+    if run.engine is not None:  # the next rollout must come from the new weights
+        run.engine.wake()
+        with timer("solver_sync"):
+            run.engine.sync("solver", solver)
+        if proposer_updated:
+            with timer("proposer_sync"):
+                run.engine.sync("proposer", policies["proposer"])
     # Ranks must hold identical adapters; the checksum in every record lets anyone check.
     # float64 accumulation without float64 copies of the weights, and one device sync (the
     # sums of a model split over devices gathered on the first parameter's).
@@ -245,6 +249,10 @@ def start_run(cfg: Config, dist: Dist):
         raise UserError(problem)
     for model in dict.fromkeys((cfg.solver_model, cfg.proposer_model)):
         load_config(model)  # a wrong path or hub id; the weights are checked as they load
+    try:  # before any weight is loaded: what fits this rank's device, or a one-line refusal
+        memfit.plan_run(cfg, cfg.device_map, dist.is_main)
+    except memfit.PlanError as e:
+        raise UserError(str(e)) from None
     pool = ImagePool(cfg.data_dir, cfg.include_subfolders_list, cfg.seed, cfg.max_pixels)
     if len(set(dist.gather(pool.fingerprint()))) > 1:  # the seeded order needs one path list
         raise UserError(f"the ranks found different image lists in {cfg.data_dir} (files "

@@ -59,7 +59,7 @@ def accumulate_gradients(cfg: Config, policy: Policy, episode: Episode, advantag
     if norm is not None:
         n, tokens = norm[0], torch.as_tensor(norm[1], dtype=tokens.dtype)
     owner = row_images(episode.prompt, ids.shape[0])
-    chunk = cfg.update_micro_batch or ids.shape[0]
+    chunk = micro_batch(cfg) or ids.shape[0]
     temperature = score_temperature(cfg)
     loss_sum, kl_sum = 0.0, 0.0
     with acting(policy) as model:
@@ -91,6 +91,14 @@ def accumulate_gradients(cfg: Config, policy: Policy, episode: Episode, advantag
             kl_sum += kl.item()
             del ref_logp, logits, tok_logp, logp, loss  # before the next chunk's are made
     return loss_sum, kl_sum
+
+
+def micro_batch(cfg: Config) -> int:
+    """--update_micro_batch as a number: auto is resolved at start from the memory plan
+    (memfit.py sets cfg.auto_micro_batch); a Config never resolved (built in code) means 0."""
+    if cfg.update_micro_batch == "auto":
+        return getattr(cfg, "auto_micro_batch", 0)
+    return int(cfg.update_micro_batch)
 
 
 def update_policy(cfg: Config, policy: Policy, optimizer, episode: Episode,

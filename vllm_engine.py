@@ -112,8 +112,10 @@ class VLLMEngine:
     """The rollout engine of one rank. start() builds it; generate() samples like vlm.generate;
     sync() serves a role's current adapter; close() frees it."""
 
-    def __init__(self, llm, workdir: str, owns_process_group: bool, temperature: float):
+    def __init__(self, llm, workdir: str, owns_process_group: bool, temperature: float,
+                 prefix_caching: bool = False, sleeps: bool = False):
         self.llm, self.workdir, self.temperature = llm, workdir, temperature
+        self.prefix_caching, self.sleeps = prefix_caching, sleeps
         self.owns_process_group = owns_process_group  # one process: vLLM made the default group
         self.loras: dict = {}      # role -> the LoRARequest being served
         self.versions: dict = {}   # role -> how many times it was synced
@@ -161,6 +163,11 @@ class VLLMEngine:
                                  max_tokens=sampling.max_new_tokens, stop_token_ids=eos,
                                  logprobs=0, logit_bias=bias, seed=seed, detokenize=False)
                   for seed in seeds]
+        # Hits only among this call's requests (its N samples share one prefill): what is
+        # sampled never depends on earlier steps, so a resumed run samples what an unbroken one
+        # does.
+        if self.prefix_caching and not self.llm.reset_prefix_cache():
+            raise TrainingError("vLLM could not reset its prefix cache before a generate")
         chats = [chat_text(policy.processor, text) for text in texts]
         requests = [{"prompt": chat, "multi_modal_data": {"image": image}}
                     for chat, image in zip(chats, images)]
@@ -220,6 +227,17 @@ class VLLMEngine:
                 raise TrainingError(f"vLLM tokenized prompt {b} differently from the trainer "
                                     f"({len(out.prompt_token_ids)} vs {len(ours)} tokens)")
 
+    # ------------------------------------------------------------ memory around the update
+    def sleep(self) -> None:
+        """Level 1 where supported (GPUs): weights to CPU memory, KV cache dropped, for the
+        update's activations; wake() brings them back before the adapters are synced."""
+        if self.sleeps:
+            self.llm.sleep(level=1)
+
+    def wake(self) -> None:
+        if self.sleeps:
+            self.llm.wake_up()
+
     def close(self) -> None:
         """Shut the engine down and leave torch.distributed as it was found."""
         from vllm.distributed import parallel_state as ps
@@ -249,6 +267,29 @@ def _scale_logits(model, scale: float) -> int:
     return len(found)
 
 
+def sleep_supported() -> bool:
+    """vLLM's sleep mode needs a GPU platform it supports (CUDA, ROCm, XPU); checked at start."""
+    if not torch.cuda.is_available():
+        return False
+    from vllm.platforms import current_platform
+    return current_platform.is_sleep_mode_available()
+
+
+def memory_args(cfg, sleeps: bool) -> dict:
+    """The engine's GPU memory: --vllm_gpu_memory_utilization if given, else the KV cache the
+    memory plan leaves free (memfit.plan_run sets cfg.vllm_kv_cache_bytes); the CPU sizes its
+    cache from VLLM_CPU_KVCACHE_SPACE."""
+    kw = {"enable_sleep_mode": sleeps} if sleeps else {}
+    if cfg.vllm_gpu_memory_utilization:
+        return {**kw, "gpu_memory_utilization": cfg.vllm_gpu_memory_utilization}
+    if torch.cuda.is_available():
+        if not getattr(cfg, "vllm_kv_cache_bytes", 0):
+            raise UserError("no memory plan gave the vLLM engine its KV cache: pass "
+                            "--vllm_gpu_memory_utilization")
+        return {**kw, "kv_cache_memory_bytes": int(cfg.vllm_kv_cache_bytes)}
+    return kw
+
+
 def start(cfg, policies: dict, dist, max_pixels: int, factor: int) -> VLLMEngine:
     """The rank's engine, serving both roles' current adapters. Restores what an in-process vLLM
     worker changes process-wide: the global RNG state (it seeds every generator) and
@@ -267,6 +308,7 @@ def start(cfg, policies: dict, dist, max_pixels: int, factor: int) -> VLLMEngine
     # the request's generator to do so: a CPU generator cannot ("CPU Generator does not use
     # offset", vllm-cpu 0.32.0, any seeded request). So on the CPU whole prompts only.
     chunked = torch.cuda.is_available()
+    sleeps = sleep_supported()
     saved_rng, set_threads = rng_state(), torch.set_num_threads
     owned = not torch.distributed.is_initialized()
     try:
@@ -277,9 +319,9 @@ def start(cfg, policies: dict, dist, max_pixels: int, factor: int) -> VLLMEngine
                   max_num_batched_tokens=None if chunked else max(length, 8192),
                   max_num_seqs=max(cfg.images_per_step * cfg.num_solver_samples, 2),
                   limit_mm_per_prompt={"image": 1, "video": 0},
-                  gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+                  **memory_args(cfg, sleeps),
                   enforce_eager=cfg.vllm_enforce_eager or not torch.cuda.is_available(),
-                  enable_prefix_caching=False,  # a cache hit depends on history: resume exactness
+                  enable_prefix_caching=cfg.vllm_prefix_caching,  # reset at every generate
                   logprobs_mode=LOGPROBS_MODE, max_logprobs=0,
                   distributed_executor_backend="uni" if dist.world == 1 else "external_launcher")
     except (OSError, ValueError, RuntimeError) as e:
@@ -294,7 +336,12 @@ def start(cfg, policies: dict, dist, max_pixels: int, factor: int) -> VLLMEngine
         raise TrainingError("found no logits processor to divide by the temperature in the "
                             "vLLM model")
     engine = VLLMEngine(llm, tempfile.mkdtemp(prefix="ireasoner-vllm-"), owned and dist.world == 1,
-                        temperature)
+                        temperature, prefix_caching=cfg.vllm_prefix_caching, sleeps=sleeps)
+    if dist.is_main:
+        log.info("vLLM: prefix caching %s, sleep mode (level 1 around the update) %s",
+                 "on" if cfg.vllm_prefix_caching else "off",
+                 "on" if sleeps else
+                 "unsupported here" if torch.cuda.is_available() else "off (CPU)")
     for role in ("solver", "proposer"):
         engine.sync(role, policies[role])
     return engine

@@ -39,6 +39,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import bench_reference  # noqa: E402
+from bench_plan import plan_peak_mib  # noqa: E402
 import cli  # noqa: E402
 import sampling  # noqa: E402
 import train  # noqa: E402
@@ -258,15 +259,16 @@ def print_engines(rows: list[dict], memory: str) -> None:
     shown = [p for p in PHASES if any(r["phases"][p]["wall"] for r in rows)]
     print("\nrollout engines (same run, in turns):")
     print(f"  {'engine':<10} {'B':>3} {'s/step':>8} {'gen tok/s':>10} {'tok/cpu-s':>10} "
-          f"{memory + ' MiB':>22} " + " ".join(f"{p:>17}" for p in shown))
+          f"{memory + ' MiB (plan)':>22} " + " ".join(f"{p:>17}" for p in shown))
     for r in rows:
         print(f"  {r['engine']:<10} {r['images_per_step']:>3} {r['seconds_per_step']:8.3f} "
               f"{r['generated_tokens_per_second']:10.0f} "
               f"{r['generated_tokens_per_cpu_second']:10.0f} "
-              f"{r['peak_memory_mib']:22.0f} "
+              f"{r['peak_memory_mib']:13.0f} ({r['plan_peak_mib']:6.0f}) "
               + " ".join(f"{r['phases'][p]['wall']:17.3f}" for p in shown))
     print("  (phase columns: wall seconds per step; vllm's peak includes its weights and the KV "
-          "cache it reserves, the other rows' leave them out)")
+          "cache it reserves, the other rows' leave them out; plan: memplan.py's, the "
+          "trainer's alone)")
 
 
 # ---------------------------------------------------------------- the reference-style yardstick
@@ -408,8 +410,10 @@ def print_batched(runs: list[dict], memory: str) -> None:
         print(f"  {b:>3} {r['seconds_per_step']:8.3f} {r['seconds_per_image']:8.3f} "
               f"{r['generated_tokens_per_second']:10.0f} {r['tokens_per_second_ratio']:5.2f}x "
               f"{r['generated_tokens_per_cpu_second']:10.0f} "
-              f"{r['tokens_per_cpu_second_ratio']:5.2f}x {split}  {r['peak_memory_mib']:.0f} MiB")
-    print("  (phase columns: wall seconds per image)")
+              f"{r['tokens_per_cpu_second_ratio']:5.2f}x {split}  {r['peak_memory_mib']:.0f} MiB"
+              f" (plan {r['plan_peak_mib']:.0f})")
+    print("  (phase columns: wall seconds per image; plan: memplan.py's tensors, without the "
+          "CUDA context; on the CPU the peak is the whole process's RSS)")
 
 
 def busy(device: str, *runs: dict) -> bool:
@@ -454,9 +458,11 @@ def main(argv=None) -> dict:
         # process (freed memory is not always returned to the OS): its peak is this B's own.
         s.update(threads=torch.get_num_threads(), images_per_step=b, steps=records,
                  peak_memory_mib=records[0]["peak_memory_mib"],
+                 plan_peak_mib=plan_peak_mib(cfg, b, args.device),
                  seconds_per_image=s["seconds_per_step"] / b)
         print_summary(f"ours, {b} image{'s' if b > 1 else ''} per step", s,
-                      f"{memory} {s['peak_memory_mib']:.0f} MiB")
+                      f"{memory} {s['peak_memory_mib']:.0f} MiB (plan "
+                      f"{s['plan_peak_mib']:.0f})")
         batched.append(s)
     ours = batched[0]
     result = {"args": vars(args), "decode_path": path, "ours": ours, "ours_steps": ours["steps"]}
@@ -486,9 +492,11 @@ def compare_engines(args, run, memory, load) -> dict:
     for (e, b), records in run_engines(run, args).items():
         s = summarize(records)
         s.update(engine=e, threads=torch.get_num_threads(), images_per_step=b, steps=records,
-                 peak_memory_mib=max(r["peak_memory_mib"] for r in records))
+                 peak_memory_mib=max(r["peak_memory_mib"] for r in records),
+                 plan_peak_mib=plan_peak_mib(run.cfg, b, args.device))
         print_summary(f"{e}, {b} image{'s' if b > 1 else ''} per step", s,
-                      f"{memory} {s['peak_memory_mib']:.0f} MiB")
+                      f"{memory} {s['peak_memory_mib']:.0f} MiB (plan "
+                      f"{s['plan_peak_mib']:.0f}, the trainer's)")
         rows.append(s)
     print_engines(rows, memory)
     result = {"args": vars(args), "engines": rows,
