@@ -1,9 +1,9 @@
 """Collapse alarms: is the Solver agreeing with itself instead of learning?
 
-Label-free, from the training signals every step already logs: a step trips a signal when most of
-its images got one distinct answer (all N the same), or zero reward spread (all N rewards equal),
-or when the Solver's mean token entropy or mean completion length falls below a floor. The alarm
-sounds when one signal trips on --collapse_patience steps in a row.
+Label-free, from the training signals every step already logs, averaged over the last
+--collapse_patience steps: the share of images that got one distinct answer (all N the same), the
+share with zero reward spread (all N rewards equal), the Solver's token entropy and its completion
+length. The alarm sounds when a share reaches its floor, or the entropy or length falls below its.
 
 From validation: the alarm sounds when the validation metric lies --collapse_val_margin or more
 below its best so far for --collapse_val_patience validations in a row.
@@ -29,30 +29,35 @@ def step_values(records: list[dict]) -> dict:
             "entropy": s["token_entropy"], "length": s["completion_length_mean"]}
 
 
-def tripped(cfg, values: dict) -> dict[str, bool]:
-    return {"one_answer": values["one_answer"] >= cfg.collapse_one_answer_frac,
-            "zero_std": values["zero_std"] >= cfg.collapse_zero_std_frac,
-            "entropy": values["entropy"] < cfg.collapse_min_entropy,
-            "length": values["length"] < cfg.collapse_min_length}
+def tripped(cfg, means: dict) -> dict[str, bool]:
+    return {"one_answer": means["one_answer"] >= cfg.collapse_one_answer_frac,
+            "zero_std": means["zero_std"] >= cfg.collapse_zero_std_frac,
+            "entropy": means["entropy"] < cfg.collapse_min_entropy,
+            "length": means["length"] < cfg.collapse_min_length}
 
 
 def label_free(cfg, state: dict, step: int, records: list[dict]) -> str | None:
-    """Count the step's tripped signals in a row (in `state`); the alarm's message on the step a
-    count reaches --collapse_patience, else None."""
+    """Add the step's signals to the window of the last --collapse_patience steps (in `state`);
+    the alarm's message on the step a full window's mean first passes a floor, else None (once
+    per episode: it sounds again only after the mean has come back)."""
     if not cfg.collapse_patience:
         return None
     values = step_values(records)
-    runs = state.setdefault("collapse_runs", dict.fromkeys(SIGNALS, 0))
-    fired = []
-    for name, bad in tripped(cfg, values).items():
-        runs[name] = runs.get(name, 0) + 1 if bad else 0
-        if runs[name] == cfg.collapse_patience:
-            fired.append(f"{name} {values[name]:.3g}")
+    window = state.setdefault("collapse_window", {name: [] for name in SIGNALS})
+    was = state.setdefault("collapse_on", dict.fromkeys(SIGNALS, False))
+    for name in SIGNALS:
+        window[name] = (window.get(name, []) + [values[name]])[-cfg.collapse_patience:]
+    if len(window["one_answer"]) < cfg.collapse_patience:
+        return None
+    means = {name: float(np.mean(window[name])) for name in SIGNALS}
+    fired = [f"{name} {means[name]:.3g}" for name, bad in tripped(cfg, means).items()
+             if bad and not was.get(name)]
+    state["collapse_on"] = tripped(cfg, means)
     if not fired:
         return None
-    return (f"collapse alarm at step {step}: {', '.join(fired)} past its floor for "
-            f"{cfg.collapse_patience} steps in a row (the Solver may be agreeing with itself "
-            f"rather than learning; see docs/validation.md)")
+    return (f"collapse alarm at step {step}: mean over the last {cfg.collapse_patience} steps "
+            f"past its floor: {', '.join(fired)} (the Solver may be agreeing with itself rather "
+            f"than learning; see docs/validation.md)")
 
 
 def val_metric(cfg, rec: dict) -> str | None:

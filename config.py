@@ -215,19 +215,19 @@ class Config:
     keep_best: str = _help(f"Keep the checkpoint with the best value of this validation metric "
                            f"(one of {KEEP_BEST_METRICS}) out of rotation, saving one when a "
                            f"validation sets a new best; <run>/best points to it.", default="")
-    collapse_patience: int = _help("Label-free alarm: warn when a training signal stays past its "
-                                   "floor (below) for this many steps in a row (0 = off).",
+    collapse_patience: int = _help("Label-free alarm: warn when a training signal's mean over "
+                                   "the last this many steps passes its floor (0 = off).",
                                    default=20)
     collapse_one_answer_frac: float = _help(
-        "Label-free alarm: floor on the share of a step's images whose N answers are all one.",
+        "Label-free alarm: the share of images whose N answers are all one, at or above which.",
         default=0.95)
     collapse_zero_std_frac: float = _help(
-        "Label-free alarm: floor on the share of a step's images whose N rewards are all equal.",
+        "Label-free alarm: the share of images whose N rewards are all equal, at or above which.",
         default=0.95)
     collapse_min_entropy: float = _help(
-        "Label-free alarm: the Solver's mean token entropy (nats) floor.", default=0.02)
+        "Label-free alarm: the Solver's token entropy (nats), below which.", default=0.02)
     collapse_min_length: float = _help(
-        "Label-free alarm: the Solver's mean completion length (tokens) floor.", default=4.0)
+        "Label-free alarm: the Solver's completion length (tokens), below which.", default=4.0)
     collapse_val_metric: str = _help(f"Validation alarm's metric, one of {KEEP_BEST_METRICS} "
                                      f"(default: --keep_best's, else val_acc_mean on labeled "
                                      f"rows).", default="")

@@ -120,18 +120,20 @@ def records(n_images=4, n=5, unanimous=0, entropy=0.12, length=30):
     return out
 
 
-def test_label_free_alarm_needs_patience_steps_in_a_row():
-    cfg = Config(collapse_patience=3)
+def test_label_free_alarm_on_the_window_mean():
+    cfg = Config(collapse_patience=4)
     state = {}
     fired = [collapse.label_free(cfg, state, s, records(unanimous=u))
-             for s, u in enumerate([4, 4, 3, 4, 4, 4, 4], 1)]
-    # 3 of 4 images (0.75) is below the 0.95 floor: the streak restarts at step 4, fires at 6
-    assert [bool(f) for f in fired] == [False] * 5 + [True, False]
-    assert "one_answer 1" in fired[5] and "zero_std 1" in fired[5]
+             for s, u in enumerate([4, 4, 3, 4, 4, 4, 4, 4, 0, 4], 1)]
+    # shares 1, 1, .75, 1: mean .94 < .95 at step 4; the window (1, .75, 1, 1) until step 6,
+    # (.75, 1, 1, 1) at 6: still .94; (1, 1, 1, 1) at 7: fires once, and not again while it stays
+    assert [bool(f) for f in fired] == [False] * 6 + [True, False, False, False]
+    assert "one_answer 1" in fired[6] and "zero_std 1" in fired[6]
     state = {}
-    fired = [collapse.label_free(cfg, state, s, records(entropy=0.001, length=2)) for s in (1, 2, 3)]
-    assert "entropy" in fired[2] and "length" in fired[2]
-    assert not any(collapse.label_free(Config(), {}, s, records(unanimous=2)) for s in range(40))
+    fired = [collapse.label_free(cfg, state, s, records(entropy=0.001, length=2))
+             for s in range(1, 5)]
+    assert "entropy" in fired[3] and "length" in fired[3] and not any(fired[:3])
+    assert not any(collapse.label_free(Config(), {}, s, records(unanimous=3)) for s in range(40))
 
 
 def test_validation_alarm_margin_and_patience():
