@@ -29,8 +29,8 @@ import vlm
 from config import Config, EvalArgs, ExportArgs, InferArgs
 from data_and_utils import (BadImage, extract_answer, extract_question, extract_steps, load_image,
                             proposer_prompt)
-from evaluation import (LETTERS, Row, gold_forms, parse_row, question_text, read_rows,  # noqa: F401
-                        row_result, sample_and_score, summary)
+from evaluation import (Row, gold_forms, question_text, read_rows, row_result,  # noqa: F401
+                        sample_and_score, summary)
 from distributed import UserError, first_line
 from runtime import json_line
 from runtime import seed_all
