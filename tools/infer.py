@@ -8,7 +8,8 @@
 
 `python -m tools.infer infer|eval|export ...` is the same. An --adapter is a checkpoint's solver/ folder:
 a LoRA adapter (adapter_config.json) or, for a full-finetune run, a whole model (config.json).
-Answers, agreement and step agreement are scored by the training code (rewards.compute_rewards).
+Rows are read and scored by evaluation.py, which validation while training (validate.py) shares:
+answers, agreement and step agreement by the training code (rewards.compute_rewards).
 """
 from __future__ import annotations
 
