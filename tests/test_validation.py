@@ -145,3 +145,23 @@ def test_validation_alarm_margin_and_patience():
     # 0.47 is within 0.05 of 0.50; 0.44 and 0.46 are not below 0.45 together; 0.44, 0.43 are
     assert [bool(f) for f in fired] == [False] * 5 + [True, False]
     assert not collapse.from_validation(cfg, {}, {"step": 0, "val_agreement": 0.1})  # no labels
+
+
+@pytest.mark.slow
+def test_step_0_validation_is_run_py_eval_of_the_base(tiny_model, image_dir, tmp_path):
+    """One implementation: the validation before step 1 gives eval's numbers for the base model
+    with the same seed (row i from seed + i in both)."""
+    from tools import infer
+    data = make_counting_eval_set(str(tmp_path / "set"), n=3)
+    assert train.main(train_args(tiny_model, image_dir, str(tmp_path), "v", steps=1, val_data=data,
+                                 val_samples=3, num_solver_samples=3, seed=7)) == 0
+    step0 = read_jsonl(os.path.join(tmp_path, "v", validate.VAL_LOG))[0]
+    out = str(tmp_path / "eval.jsonl")
+    assert infer.main(["eval", "--model", tiny_model, "--adapter", "none", "--data", data,
+                       "--samples", "3", "--max_new_tokens", "16", "--seed", "7", "--out", out]) == 0
+    rows = [next(iter(r["results"].values())) for r in read_jsonl(out)]
+    mean = lambda key: sum(float(r[key]) for r in rows) / len(rows)  # noqa: E731
+    assert step0["val_agreement"] == pytest.approx(mean("agreement"), abs=1e-12)
+    assert step0["val_step_agreement"] == pytest.approx(mean("step_agreement"), abs=1e-12)
+    assert step0["val_acc_first"] == pytest.approx(mean("correct_first"), abs=1e-12)
+    assert step0["val_distinct_answers"] == pytest.approx(mean("distinct_answers"), abs=1e-12)
