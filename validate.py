@@ -10,6 +10,7 @@ the progress bar. --keep_best and the validation collapse alarm read the same re
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -84,8 +85,13 @@ def score_rows(run, rows: list) -> list[dict]:
         _, rw = sample_and_score(solver, image, question_text(row), cfg.val_samples, sampling,
                                  cfg, cfg.solver_prompt_text)
         res = row_result(rw, gold_forms(row), cfg.answer_match)
-        out.append({"row": i, **{k: res[k] for k in PER_ROW}})
+        out.append({"row": i, **{k: res[k] for k in PER_ROW}, "digest": digest(res["samples"])})
     return out
+
+
+def digest(texts: list[str]) -> str:
+    """A fingerprint of sampled texts: equal digests, equal samples."""
+    return hashlib.sha1("\x1f".join(texts).encode("utf-8", "backslashreplace")).hexdigest()[:16]
 
 
 def summarize(step: int, results: list[dict], seconds: float) -> dict:
@@ -100,7 +106,9 @@ def summarize(step: int, results: list[dict], seconds: float) -> dict:
             "val_step_agreement": mean(ok, "step_agreement"),
             "val_distinct_answers": mean(ok, "distinct_answers"),
             "val_rows": len(ok), "val_labeled_rows": len(labeled),
-            "val_bad_rows": len(results) - len(ok), "val_seconds": round(seconds, 3)}
+            "val_bad_rows": len(results) - len(ok), "val_seconds": round(seconds, 3),
+            # of every row's samples in row order: two validations sampled the same or not
+            "val_samples_digest": digest([r["digest"] for r in sorted(ok, key=lambda r: r["row"])])}
 
 
 def validate(run, step: int, rows: list) -> dict:
@@ -137,7 +145,8 @@ def bar_text(rec: dict) -> str:
 
 
 def wandb_data(rec: dict) -> dict:
-    return {f"val/{k[4:]}": v for k, v in rec.items() if k.startswith("val_") and v is not None}
+    return {f"val/{k[4:]}": v for k, v in rec.items()
+            if k.startswith("val_") and isinstance(v, (int, float))}
 
 
 def after_step(run, step: int, records: list[dict] | None, wandb_run) -> tuple[bool, bool]:

@@ -165,3 +165,5 @@ def test_step_0_validation_is_run_py_eval_of_the_base(tiny_model, image_dir, tmp
     assert step0["val_step_agreement"] == pytest.approx(mean("step_agreement"), abs=1e-12)
     assert step0["val_acc_first"] == pytest.approx(mean("correct_first"), abs=1e-12)
     assert step0["val_distinct_answers"] == pytest.approx(mean("distinct_answers"), abs=1e-12)
+    assert step0["val_samples_digest"] == validate.digest([validate.digest(r["samples"])
+                                                           for r in rows])
