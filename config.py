@@ -232,7 +232,7 @@ class Config:
                                      f"(default: --keep_best's, else val_acc_mean on labeled "
                                      f"rows).", default="")
     collapse_val_margin: float = _help("Validation alarm: warn when the metric lies at least this "
-                                       "far below its best ...", default=0.05)
+                                       "far below its best ...", default=0.03)
     collapse_val_patience: int = _help("... for this many validations in a row (0 = off).",
                                        default=2)
     stop_on_collapse: bool = _help("On an alarm: save, stop with exit 0 and name the best "

@@ -137,7 +137,7 @@ def test_label_free_alarm_on_the_window_mean():
 
 
 def test_validation_alarm_margin_and_patience():
-    cfg = Config(val_data="v.jsonl", collapse_val_margin=0.05, collapse_val_patience=2)
+    cfg = Config(val_data="v.jsonl", collapse_val_margin=0.05, collapse_val_patience=2)  # not the defaults
     state = {}
     series = [0.50, 0.47, 0.44, 0.46, 0.44, 0.43, 0.60]
     fired = [collapse.from_validation(cfg, state, {"step": i, "val_acc_mean": v})
