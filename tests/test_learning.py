@@ -14,6 +14,10 @@ of correct answers over all N samples per held-out image: an estimate of single-
 with N times the samples of eval's first-sample `acc`. Agreement is eval's answer agreement
 (dominant count / N, mean over the held-out images): the quantity majority self-consistency
 raises, measured on images the trainer never saw.
+
+The same runs' logs also check the collapse alarms (collapse.py) at their defaults: none on the
+seeds, one on the sign-flip control (its held-out validations fall; docs/validation.md has the
+series these thresholds were set from).
 """
 import dataclasses
 import math
