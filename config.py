@@ -8,6 +8,7 @@ defaults below are the only defaults. See all flags with:
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from dataclasses import dataclass, field, fields
 
@@ -318,6 +319,8 @@ class Config:
                f"--update_mode batched or --images_per_step 1")
         # validation, keep-best, collapse alarm, answer matching
         check_match(self.answer_match)
+        _check(not self.val_data or os.path.isfile(self.val_data),
+               f"--val_data {self.val_data} does not exist")
         for name in ("val_every", "val_samples"):
             _check(getattr(self, name) >= 1, f"--{name} must be >= 1, got {getattr(self, name)}")
         for name in ("val_max_rows", "collapse_patience", "collapse_val_patience",

@@ -137,7 +137,7 @@ def test_label_free_alarm_on_the_window_mean():
 
 
 def test_validation_alarm_margin_and_patience():
-    cfg = Config(val_data="v.jsonl", collapse_val_margin=0.05, collapse_val_patience=2)  # not the defaults
+    cfg = Config(collapse_val_margin=0.05, collapse_val_patience=2)  # not the defaults
     state = {}
     series = [0.50, 0.47, 0.44, 0.46, 0.44, 0.43, 0.60]
     fired = [collapse.from_validation(cfg, state, {"step": i, "val_acc_mean": v})
@@ -167,3 +167,12 @@ def test_step_0_validation_is_run_py_eval_of_the_base(tiny_model, image_dir, tmp
     assert step0["val_distinct_answers"] == pytest.approx(mean("distinct_answers"), abs=1e-12)
     assert step0["val_samples_digest"] == validate.digest([validate.digest(r["samples"])
                                                            for r in rows])
+
+
+def test_bad_validation_flags_are_one_line_errors(tmp_path, capsys):
+    assert train.main(["--data_dir", str(tmp_path), "--val_data", str(tmp_path / "no.jsonl")]) == 2
+    assert train.main(["--data_dir", str(tmp_path), "--keep_best", "val_acc_mean"]) == 2
+    assert train.main(["--data_dir", str(tmp_path), "--keep_best", "val_loss"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and all(line.startswith("error: ") for line in err), err
+    assert "no.jsonl does not exist" in err[0] and "needs validation" in err[1]
