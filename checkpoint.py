@@ -67,8 +67,10 @@ def remove_temporaries(run_dir: str) -> None:
             shutil.rmtree(os.path.join(run_dir, name), ignore_errors=True)
 
 
-def save_checkpoint(run_dir: str, step: int, policies: dict, state: dict, keep: int) -> str:
-    """Write step_NNNNN atomically, then drop the oldest complete ones beyond `keep`."""
+def save_checkpoint(run_dir: str, step: int, policies: dict, state: dict, keep: int,
+                    protect: int | None = None) -> str:
+    """Write step_NNNNN atomically, then drop the oldest complete ones beyond `keep`; the one at
+    step `protect` (--keep_best's) is never dropped and does not count toward `keep`."""
     final = os.path.join(run_dir, f"step_{step:05d}")
     try:
         # replace: a finished step saved twice (a signal right after a save)
@@ -83,7 +85,7 @@ def save_checkpoint(run_dir: str, step: int, policies: dict, state: dict, keep: 
     except WRITE_ERRORS as e:
         raise UserError(f"writing checkpoint {final} failed ({first_line(e)}); "
                         f"earlier checkpoints in {run_dir} are intact") from e
-    for _, old in complete_checkpoints(run_dir)[:-keep]:
+    for _, old in [c for c in complete_checkpoints(run_dir) if c[0] != protect][:-keep]:
         # Renamed first, so a kill mid-delete leaves a temporary (cleaned on resume), never a
         # half-deleted folder that still looks complete.
         doomed = f"{old}{TMP_MARK}{os.getpid()}"
@@ -93,6 +95,22 @@ def save_checkpoint(run_dir: str, step: int, policies: dict, state: dict, keep: 
         except OSError as e:  # the new checkpoint is safe; an old one left over is only space
             log.warning("could not remove old checkpoint %s: %s", old, first_line(e))
     return final
+
+
+BEST_LINK = "best"
+
+
+def point_best(run_dir: str, step: int) -> None:
+    """<run>/best -> step_NNNNN (a relative symlink, replaced atomically)."""
+    tmp = os.path.join(run_dir, f"{BEST_LINK}{TMP_MARK}{os.getpid()}")
+    try:
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+        os.symlink(f"step_{step:05d}", tmp)
+        os.replace(tmp, os.path.join(run_dir, BEST_LINK))
+    except OSError as e:  # the checkpoint itself is safe; only the pointer is missing
+        log.warning("could not point %s/%s at step_%05d: %s", run_dir, BEST_LINK, step,
+                    first_line(e))
 
 
 def older_hint(path: str) -> str:
@@ -187,7 +205,11 @@ MODEL_FLAGS = ("solver_model", "proposer_model", "use_lora_solver", "use_lora_pr
 RUN_FLAGS = ("total_steps", "output_dir", "wandb_run_name", "wandb_project", "wandb_mode",
              "resume_from", "save_every", "max_checkpoints", "clear_cache_every", "device_map",
              "attn_implementation", "gradient_checkpointing", "update_micro_batch",
-             "deterministic")
+             "deterministic",
+             "val_data", "val_every", "val_samples", "val_max_rows", "keep_best",
+             "collapse_patience", "collapse_one_answer_frac", "collapse_zero_std_frac",
+             "collapse_min_entropy", "collapse_min_length", "collapse_val_metric",
+             "collapse_val_margin", "collapse_val_patience", "stop_on_collapse")
 
 
 def changed_flags(path: str, saved: dict, now: dict) -> list[str]:

@@ -16,9 +16,13 @@ from typing import Optional
 
 
 from cli import CommandLineError, DataclassParser
+from answers import MATCHES, check_match
 from data_and_utils import PROPOSER_PROMPT, QUESTION_PLACEHOLDER, SOLVER_PROMPT, read_prompt_file
 
 WANDB_MODES = ("disabled", "offline", "online")
+# Validation metrics where higher is better (validate.py).
+KEEP_BEST_METRICS = ("val_acc_first", "val_acc_mean", "val_maj_at_n", "val_agreement",
+                     "val_step_agreement")
 DTYPES = ("bfloat16", "float16", "float32")
 STEP_EMBEDDERS = ("input_embeddings", "hidden_states")
 BASELINES = ("ema", "group")
@@ -218,6 +222,44 @@ class Config:
                                       "(the cache is reset at every generate, so a resumed run "
                                       "samples what an unbroken one does).", default=True)
 
+    # ---- validation, keep-best, collapse alarm, answer matching (docs/validation.md) ----
+    answer_match: str = _help(f"When two answers count as one vote, in the rewards, eval and "
+                              f"validation: one of {MATCHES}. string: equal after normalisation "
+                              f"(published); math: also equal as numbers or expressions "
+                              f"(math-verify: 0.5 = 1/2) and a choice letter equal to (B), B. or "
+                              f"B) text.", default="string")
+    val_data: str = _help("Validation JSONL (run.py eval's row format; rows without an answer get "
+                          "the label-free figures only). Validates before step 1 and every "
+                          "--val_every steps; results in <run>/val_log.jsonl.", default="")
+    val_every: int = _help("Validate every this many steps (with --val_data).", default=50)
+    val_samples: int = _help("Answers sampled per validation row (N of maj@N).", default=5)
+    val_max_rows: int = _help("Validate on the first M good rows (0 = all).", default=0)
+    keep_best: str = _help(f"Keep the checkpoint with the best value of this validation metric "
+                           f"(one of {KEEP_BEST_METRICS}) out of rotation, saving one when a "
+                           f"validation sets a new best; <run>/best points to it.", default="")
+    collapse_patience: int = _help("Label-free alarm: warn when a training signal's mean over "
+                                   "the last this many steps passes its floor (0 = off).",
+                                   default=20)
+    collapse_one_answer_frac: float = _help(
+        "Label-free alarm: the share of images whose N answers are all one, at or above which.",
+        default=0.95)
+    collapse_zero_std_frac: float = _help(
+        "Label-free alarm: the share of images whose N rewards are all equal, at or above which.",
+        default=0.95)
+    collapse_min_entropy: float = _help(
+        "Label-free alarm: the Solver's token entropy (nats), below which.", default=0.02)
+    collapse_min_length: float = _help(
+        "Label-free alarm: the Solver's completion length (tokens), below which.", default=4.0)
+    collapse_val_metric: str = _help(f"Validation alarm's metric, one of {KEEP_BEST_METRICS} "
+                                     f"(default: --keep_best's, else val_acc_mean on labeled "
+                                     f"rows).", default="")
+    collapse_val_margin: float = _help("Validation alarm: warn when the metric lies at least this "
+                                       "far below its best ...", default=0.03)
+    collapse_val_patience: int = _help("... for this many validations in a row (0 = off).",
+                                       default=2)
+    stop_on_collapse: bool = _help("On an alarm: save, stop with exit 0 and name the best "
+                                   "checkpoint.", default=False)
+
     def __post_init__(self):
         self.include_subfolders_list = _split(self.include_subfolders)
         self.lora_targets_list = _split(self.lora_targets)
@@ -310,6 +352,23 @@ class Config:
         self.update_micro_batch = micro if micro == "auto" else int(micro)
         _check(self.memory_budget_gib >= 0,
                f"--memory_budget_gib must be >= 0, got {self.memory_budget_gib}")
+        # validation, keep-best, collapse alarm, answer matching
+        check_match(self.answer_match)
+        _check(not self.val_data or os.path.isfile(self.val_data),
+               f"--val_data {self.val_data} does not exist")
+        for name in ("val_every", "val_samples"):
+            _check(getattr(self, name) >= 1, f"--{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("val_max_rows", "collapse_patience", "collapse_val_patience",
+                     "collapse_val_margin", "collapse_min_entropy", "collapse_min_length"):
+            _check(getattr(self, name) >= 0, f"--{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("collapse_one_answer_frac", "collapse_zero_std_frac"):
+            _check(0 < getattr(self, name) <= 1,
+                   f"--{name} must be in (0, 1], got {getattr(self, name)}")
+        for name in ("keep_best", "collapse_val_metric"):
+            _check(getattr(self, name) in ("", *KEEP_BEST_METRICS),
+                   f"--{name} must be one of {KEEP_BEST_METRICS}, got {getattr(self, name)!r}")
+            _check(not getattr(self, name) or bool(self.val_data),
+                   f"--{name} needs validation: add --val_data labeled.jsonl")
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -448,6 +507,9 @@ class EvalArgs(SampleArgs):
     data: str = _help("JSONL: image (relative to the file), question, answer, optional choices.")
     limit: int = _help("Evaluate the first K good rows.", default=0)
     out: str = _help("Write one JSON result line per row here.", default="")
+    answer_match: str = _help("When two answers count as one (string or math, see train.py "
+                              "--answer_match); default: the run's setting (string for the base).",
+                              default="")
 
     # ---- memory plan ----
     memory_budget_gib: float = _help("GiB per rank the memory plan must fit (0 = the GPU's free "
@@ -459,6 +521,8 @@ class EvalArgs(SampleArgs):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.answer_match:
+            check_match(self.answer_match)
         # argparse's append of a nargs="+" flag gives one list per --adapter: flatten them.
         self.adapter = [a for group in self.adapter
                         for a in (group if isinstance(group, list) else [group])]

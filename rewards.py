@@ -14,6 +14,7 @@ from collections import Counter
 import torch
 import torch.nn.functional as F
 
+from answers import classes
 from data_and_utils import count_pre_answer_words, extract_answer, extract_steps, normalize_answer
 
 
@@ -48,9 +49,10 @@ def answer_entropy(answers_norm: list[str]) -> float:
 
 
 def outcome_rewards(outputs: list[str], gamma: float, len_penalty_weight: float,
-                    len_penalty_target_words: int) -> tuple[list[float], dict]:
-    """r_i = p_i**gamma * (1 - weight * pen_i): p_i is the share of samples that gave the same
-    (normalized) answer, pen_i in [0, 1] grows with the words written before <answer>."""
+                    len_penalty_target_words: int, match: str = "string") -> tuple[list[float], dict]:
+    """r_i = p_i**gamma * (1 - weight * pen_i): p_i is the share of samples whose (normalized)
+    answer counts as the same as i's under `match` (answers.py), pen_i in [0, 1] grows with the
+    words written before <answer>. info's answer_classes name each sample's class."""
     if not outputs:
         raise ValueError("outcome_rewards() needs at least one output")
     if len_penalty_target_words <= 0:
@@ -58,17 +60,18 @@ def outcome_rewards(outputs: list[str], gamma: float, len_penalty_weight: float,
     n = len(outputs)
     answers = [extract_answer(o) for o in outputs]
     answers_norm = [normalize_answer(a) for a in answers]
+    keys = classes(answers_norm, match)
     words = [count_pre_answer_words(o) for o in outputs]
-    counts = Counter(answers_norm)
+    counts = Counter(keys)
     target = len_penalty_target_words
     rewards = []
-    for a, w in zip(answers_norm, words):
+    for a, w in zip(keys, words):
         pen = min(1.0, max(0.0, (w - target) / target))
         rewards.append((counts[a] / n) ** gamma * (1.0 - len_penalty_weight * pen))
-    dominant, dominant_count = majority(answers_norm)
-    info = {"answers": answers, "answers_norm": answers_norm, "pre_answer_words": words,
-            "dominant_answer": dominant, "dominant_count": dominant_count,
-            "answer_entropy": answer_entropy(answers_norm)}
+    dominant, dominant_count = majority(keys)
+    info = {"answers": answers, "answers_norm": answers_norm, "answer_classes": keys,
+            "pre_answer_words": words, "dominant_answer": dominant,
+            "dominant_count": dominant_count, "answer_entropy": answer_entropy(keys)}
     return rewards, info
 
 
@@ -216,9 +219,9 @@ def compute_rewards_batch(cfg, groups: list[list[str]], step: int, embed) -> lis
 
 def _outcome_and_steps(cfg, texts: list[str]):
     outcome, info = outcome_rewards(texts, cfg.solver_soft_gamma, cfg.len_penalty_weight,
-                                    cfg.len_penalty_target_words)
+                                    cfg.len_penalty_target_words, cfg.answer_match)
     steps = [extract_steps(t, cfg.max_reasoning_steps) for t in texts]
-    return outcome, info, steps, majority_group(info["answers_norm"], info["dominant_answer"])
+    return outcome, info, steps, majority_group(info["answer_classes"], info["dominant_answer"])
 
 
 def _mix(cfg, step: int, outcome, info, steps, group, per_sample) -> dict:

@@ -47,7 +47,8 @@ def learning_demo(root: str = DEMO_DIR, name: str = DEMO_RUN, run=None) -> dict:
     after = demo.evaluate(paths, os.path.join(path, "solver"),
                           os.path.join(run_dir, "eval_after.jsonl"), run)
     records, _ = plot.read_log(run_dir)
-    curves = plot.plot(records, os.path.join(run_dir, "curves.png"), name)
+    curves = plot.plot(records, os.path.join(run_dir, "curves.png"), name,
+                       plot.read_val_log(run_dir))
     return {"before": before, "after": after, "run_dir": run_dir, "curves": curves, "step": step}
 
 

@@ -29,6 +29,7 @@ import image_stream
 import memfit
 import rewards as R
 import startup
+import validate as V
 from config import Config, parse_config
 from data_and_utils import (ImagePool, check_data_dir, extract_question, proposer_prompt,
                             solver_prompt)
@@ -59,6 +60,7 @@ class TrainState:
     image_cursor: int = 0  # the next unused position of the image stream (image_stream.py)
     nonfinite_skips: int = 0
     nonfinite_in_a_row: int = 0
+    val: dict = field(default_factory=dict)  # --keep_best's best and the alarms' counters
 
 
 class Stop(StoppingCriteria):
@@ -93,10 +95,16 @@ class Run:
     stop: Stop | None = None      # set by loop(): signals are caught from its start
     engine: object | None = None  # --rollout_engine vllm: the rank's vllm_engine.VLLMEngine
     cuda_devices: list = field(default_factory=list)  # this process's GPUs (devices.cuda_devices)
+    val_rows: list | None = None  # --val_data's rows
+    val_text: str = ""            # the newest validation, for the progress bar
 
     @property
     def log_path(self) -> str:
         return os.path.join(self.dir, "iter_log.jsonl")
+
+    @property
+    def val_log_path(self) -> str:
+        return os.path.join(self.dir, V.VAL_LOG)
 
 
 # ---------------------------------------------------------------- one step
@@ -302,9 +310,11 @@ def resume(run: Run) -> str | None:
     if path is None:
         if dist.is_main:  # killed before its first checkpoint: every logged step will be redone
             ckpt.truncate_log(run.log_path, 0)
+            ckpt.truncate_log(run.val_log_path, 0)
         return None
     # Validated against this run's own state and optimizers before anything is applied.
-    template = {k: v for k, v in vars(st).items() if k != "image_cursor"}  # older checkpoints
+    # Older checkpoints may lack image_cursor and val (resumed with their defaults).
+    template = {k: v for k, v in vars(st).items() if k not in ("image_cursor", "val")}
     saved = ckpt.load_checkpoint(path, run.policies, run.optimizers, template=template)
     changed = ckpt.changed_flags(path, saved["config"], cfg.to_dict())
     if changed and dist.is_main:
@@ -322,6 +332,10 @@ def resume(run: Run) -> str | None:
     for key in template:
         setattr(st, key, saved["train_state"][key])
     st.image_cursor = image_stream.saved_cursor(saved)
+    st.val = saved["train_state"].get("val") or {}
+    if not isinstance(st.val, dict):
+        raise UserError(f"checkpoint {path}: train_state.val is not an object; "
+                        f"{ckpt.older_hint(path)}")
     rngs = saved["rng"]
     rng = rngs[dist.rank] if dist.rank < len(rngs) else rngs[0]
     note = set_rng_state(rng, run.cuda_devices)
@@ -334,6 +348,9 @@ def resume(run: Run) -> str | None:
         if cfg.resume_from:
             ckpt.set_aside_newer(run.dir, st.step)
         ckpt.truncate_log(run.log_path, st.step)
+        ckpt.truncate_log(run.val_log_path, st.step)  # the validation series goes on from here
+        if "best_step" in st.val:
+            ckpt.point_best(run.dir, st.val["best_step"])
     return path
 
 
@@ -347,7 +364,10 @@ def save(run: Run, rng: dict) -> str | None:
                  "optimizers": {r: o.state_dict() for r, o in run.optimizers.items()},
                  "config": cfg.to_dict(), "prompts": cfg.prompt_texts(), "world_size": dist.world}
         try:
-            path = ckpt.save_checkpoint(run.dir, st.step, run.policies, state, cfg.max_checkpoints)
+            path = ckpt.save_checkpoint(run.dir, st.step, run.policies, state, cfg.max_checkpoints,
+                                        protect=st.val.get("best_step"))
+            if st.val.get("best_step") == st.step:
+                ckpt.point_best(run.dir, st.step)
         except UserError as e:
             error = str(e)
     error = dist.broadcast(error)
@@ -368,12 +388,15 @@ def show_progress(bar, records: list[dict], run: Run) -> None:
                     zero_std=f"{s['frac_reward_zero_std']:.2f}",
                     len=f"{s['completion_length_mean']:.0f}/{s['completion_length_max']}",
                     clipped=f"{s['clipped_ratio']:.2f}", entropy=f"{s['token_entropy']:.2f}",
-                    kl=f"{r['solver_kl']:.2e}", beta=f"{run.st.kl_coef['solver']:.2e}")
+                    kl=f"{r['solver_kl']:.2e}", beta=f"{run.st.kl_coef['solver']:.2e}",
+                    **({"val": run.val_text} if run.val_text else {}))
 
 
 def loop(run: Run) -> int:
-    """Steps from the restored one to --total_steps: log each, checkpoint every save_every and at
-    the end (or when a signal stops the run). Returns the exit code: 130 after SIGINT, else 0."""
+    """Steps from the restored one to --total_steps: log each, validate and check the collapse
+    alarms (validate.after_step), checkpoint every save_every, at a new --keep_best and at the
+    end (or when a signal or --stop_on_collapse stops the run). Returns the exit code: 130 after
+    SIGINT, else 0."""
     cfg, dist, st = run.cfg, run.dist, run.st
     if st.step >= cfg.total_steps:
         if dist.is_main:
@@ -383,9 +406,15 @@ def loop(run: Run) -> int:
     listed = set(run.pool.paths)  # a file since removed from the folder must not count as a pool file
     run.pool.bad.update({path: why for path, why in st.bad_images.items() if path in listed})
     tracker = wandb_guard.Tracker(cfg, run.name, run.dir, st) if dist.is_main else None
+    run.val_rows = V.load_rows(cfg, dist.is_main) if cfg.val_data else None
     bar = tqdm(total=cfg.total_steps, initial=st.step, disable=not dist.is_main, desc=run.name)
     try:
+        best, collapsed = V.after_step(run, st.step, None, tracker)  # step 0's validation
+        if best:
+            save(run, rng)
         for step in range(st.step + 1, cfg.total_steps + 1):
+            if collapsed:
+                break
             records = train_step(run, step)
             if records is None:
                 break  # a signal arrived mid-rollout: step abandoned, state is still step - 1's
@@ -394,7 +423,8 @@ def loop(run: Run) -> int:
                 append_log(run.log_path, records)
                 tracker.log(records)
                 show_progress(bar, records, run)
-            if step % cfg.save_every == 0 or step == cfg.total_steps:
+            best, collapsed = V.after_step(run, step, records, tracker)
+            if best or collapsed or step % cfg.save_every == 0 or step == cfg.total_steps:
                 save(run, rng)
                 saved_step = step
             if (cfg.clear_cache_every and step % cfg.clear_cache_every == 0
@@ -410,6 +440,8 @@ def loop(run: Run) -> int:
         tracker.finish()
     if dist.is_main:
         print(f"checkpoints: {run.dir}/step_*/  log: {run.log_path}", flush=True)
+        if collapsed:
+            print(V.stop_line(run), flush=True)
     signum = max(dist.gather(run.stop.signum))  # the signal any rank received
     return 130 if signum == signal.SIGINT else 0
 

@@ -46,6 +46,17 @@ class Tracker:
         if self.run is not None:
             self._guard("log", lambda: log_wandb(self.run, records, self.cfg.wandb_log_images_every))
 
+    def log_data(self, data: dict, step: int) -> None:
+        if self.run is not None:
+            self._guard("log", lambda: self.run.log(data, step=step))
+
+    def alert(self, title: str, text: str) -> None:
+        """A W&B alert (offline runs record none; the warning is in the log either way)."""
+        if self.run is not None:
+            import wandb
+            self._guard("alert", lambda: self.run.alert(title=title, text=text,
+                                                        level=wandb.AlertLevel.WARN))
+
     def finish(self) -> None:
         if self.run is not None:
             self._guard("finish", self.run.finish)

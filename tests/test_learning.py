@@ -14,6 +14,10 @@ of correct answers over all N samples per held-out image: an estimate of single-
 with N times the samples of eval's first-sample `acc`. Agreement is eval's answer agreement
 (dominant count / N, mean over the held-out images): the quantity majority self-consistency
 raises, measured on images the trainer never saw.
+
+The same runs' logs also check the collapse alarms (collapse.py) at their defaults: none on the
+seeds, one on the sign-flip control (its held-out validations fall; docs/validation.md has the
+series these thresholds were set from).
 """
 import dataclasses
 import math
@@ -23,9 +27,11 @@ import statistics
 import pytest
 import torch
 
+import collapse
 import rewards
 import train
 from checkpoint import complete_checkpoints
+from config import parse_config
 from tools import demo, plot
 
 SEEDS = (1, 2, 3)
@@ -119,9 +125,15 @@ def self_train(warm: dict, seed: int, name: str) -> dict:
     records, _ = plot.read_log(run_dir)
     share = plot.per_step(records)["majority_share"][1]
     quarter = len(share) // 4
+    val = plot.read_val_log(run_dir)
+    assert [r["step"] for r in val] == list(range(0, STEPS + 1, run.val_every))
+    # the collapse alarms at their defaults, on this run's own logs (collapse.replay: as in training)
+    cfg = parse_config(demo.train_args(paths, root, name, run))
     return {"gain": after["acc_all"] - warm["before"]["acc_all"],
             "agreement_gain": after["agreement"] - warm["before"]["agreement"],
-            "share": (statistics.mean(share[:quarter]), statistics.mean(share[-quarter:]))}
+            "share": (statistics.mean(share[:quarter]), statistics.mean(share[-quarter:])),
+            "val_acc": [round(r["val_acc_mean"], 3) for r in val],
+            "alarms": collapse.replay(cfg, records, val)}
 
 
 def judge(warm: dict, runs: list[dict], threads: int) -> tuple[list[str], str]:
@@ -131,7 +143,8 @@ def judge(warm: dict, runs: list[dict], threads: int) -> tuple[list[str], str]:
               f"{fmt(gains)}; agreement before {warm['before']['agreement']:.3f}, gains "
               f"{fmt(agreement_gains)}; training majority share first/last quarter "
               f"{[round(r['share'][0], 3) for r in runs]} / "
-              f"{[round(r['share'][1], 3) for r in runs]}")
+              f"{[round(r['share'][1], 3) for r in runs]}; validation accuracy (all samples) "
+              f"{[r['val_acc'] for r in runs]}; collapse alarms {[r['alarms'] for r in runs]}")
     print(report)
     return criteria(gains, agreement_gains), report
 
@@ -141,6 +154,7 @@ def test_self_training_raises_held_out_accuracy(warm_started, threads_from_env):
     runs = [self_train(warm_started, seed, f"seed{seed}") for seed in SEEDS]
     missed, report = judge(warm_started, runs, threads_from_env)
     assert not missed, f"{report}\nmissed: {missed}"
+    assert not any(r["alarms"] for r in runs), f"a collapse alarm on a run that learned: {report}"
 
 
 @pytest.mark.slow
@@ -154,3 +168,4 @@ def test_sign_flipped_advantage_fails_the_criteria(warm_started, threads_from_en
     missed, report = judge(warm_started, runs, threads_from_env)
     assert missed, f"the criteria passed with the advantage's sign flipped: {report}"
     assert any("mean accuracy gain" in m for m in missed), f"{report}\nmissed: {missed}"
+    assert all(r["alarms"] for r in runs), f"no collapse alarm with the sign flipped: {report}"

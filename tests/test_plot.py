@@ -74,3 +74,20 @@ def test_missing_or_empty_log_is_one_line_exit_2(tmp_path, case):
     assert len(lines) == 1 and lines[0].startswith("error: ")
     if case == "garbage":  # written broken on purpose: not a log the session check should read
         (run_dir / "iter_log.jsonl").unlink()
+
+
+def test_validation_panel_and_outcome_reward(tmp_path):
+    """A run that validated: val_log.jsonl is read beside the log and drawn; the outcome reward
+    is a series of its own."""
+    run_dir = tmp_path / "run"
+    write_log(str(run_dir), [record(s, reward_outcome=[0.6] * 5) for s in range(1, 11)])
+    with open(run_dir / "val_log.jsonl", "w") as f:
+        for s in (0, 5, 10):
+            f.write(json.dumps({"step": s, "val_acc_mean": 0.4 + s / 100, "val_maj_at_n": 0.5,
+                                "val_agreement": 0.6}) + "\n")
+        f.write('{"step": 15, "va')  # cut short by a kill: skipped
+    assert [r["step"] for r in plot.read_val_log(str(run_dir))] == [0, 5, 10]
+    assert plot.per_step(plot.read_log(str(run_dir))[0])["reward_outcome"][1][0] == 0.6
+    proc = run_plot(str(run_dir))
+    assert proc.returncode == 0, proc.stderr
+    assert plot.read_val_log(str(tmp_path / "none")) == []

@@ -284,6 +284,7 @@ class DemoRun:
     samples: int = 5
     max_new_tokens: int = 32
     eval_seed: int = 0
+    val_every: int = 24        # held-out validation while training (docs/demo.md: its cost)
 
 
 def train_args(paths: dict, root: str, name: str, run: DemoRun) -> list[str]:
@@ -296,7 +297,10 @@ def train_args(paths: dict, root: str, name: str, run: DemoRun) -> list[str]:
              "num_solver_samples": run.samples, "max_new_tokens_solver": run.max_new_tokens,
              "max_new_tokens_proposer": 32, "max_pixels": MAX_PIXELS, "baseline": "group",
              "proposer_update_freq": 4, "lora_dropout": 0.0,
-             "kl_coef": run.kl_coef, "kl_adapt_rate": 0.0}
+             "kl_coef": run.kl_coef, "kl_adapt_rate": 0.0,
+             # validation on the held-out set: it restores the training RNG, so the run is the
+             # one it would be without it
+             "val_data": paths["eval"], "val_every": run.val_every, "val_samples": run.samples}
     args = ["--use_lora_solver", "--use_lora_proposer"]
     for key, value in flags.items():
         args += [f"--{key}", str(value)]

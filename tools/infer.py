@@ -8,12 +8,12 @@
 
 `python -m tools.infer infer|eval|export ...` is the same. An --adapter is a checkpoint's solver/ folder:
 a LoRA adapter (adapter_config.json) or, for a full-finetune run, a whole model (config.json).
-Answers, agreement and step agreement are scored by the training code (rewards.compute_rewards).
+Rows are read and scored by evaluation.py, which validation while training (validate.py) shares:
+answers, agreement and step agreement by the training code (rewards.compute_rewards).
 """
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import os
 import pickle
@@ -26,20 +26,20 @@ from tqdm import tqdm
 
 import checkpoint
 from cli import DataclassParser
-import rewards
 import vlm
 from config import Config, EvalArgs, ExportArgs, InferArgs
 from data_and_utils import (BadImage, extract_answer, extract_question, extract_steps, load_image,
-                            normalize_answer, proposer_prompt, solver_prompt)
+                            proposer_prompt)
+from evaluation import (Row, gold_forms, question_text, read_rows, row_result,  # noqa: F401
+                        sample_and_score, summary)
 from distributed import UserError, first_line
 from runtime import json_line
 from runtime import seed_all
 
-LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 SHOW_STEPS = 64  # steps printed per answer by `infer` (scoring uses the training limit)
 REWARD_CFG = Config()  # the training defaults: step limit, embedder, group size, decay
 # What a run's saved config sets for scoring answers and steps (see run_settings).
-SCORING_FIELDS = ("solver_soft_gamma", "len_penalty_weight", "len_penalty_target_words",
+SCORING_FIELDS = ("answer_match", "solver_soft_gamma", "len_penalty_weight", "len_penalty_target_words",
                   "max_reasoning_steps", "min_step_group_size", "step_group_density_gamma",
                   "step_position_decay", "step_sim_temperature", "step_embedder",
                   "step_embed_max_tokens")
@@ -173,19 +173,9 @@ def solve(policy: vlm.Policy, image, question: str, args, image_features=None,
     """N sampled answers scored by the training reward code with the run's settings.
     Returns (prompt, rewards dict)."""
     run = run or RunSettings()
-    prompt = vlm.make_prompt(policy, image, solver_prompt(question, run.prompts["solver"]),
-                             image_features)
     sampling = vlm.resolve_sampling(policy, args, args.max_new_tokens)[0]
-    roll = vlm.generate(policy, prompt, args.samples, sampling)
-    rw = rewards.compute_rewards(run.reward_cfg, roll.texts, 0,
-                                 vlm.step_embedder(policy, run.reward_cfg))
-    return prompt, {**rw, "texts": roll.texts}
-
-
-def summary(rw: dict) -> dict:
-    n = len(rw["texts"])
-    return {"majority": rw["dominant_answer"], "agreement": rw["dominant_count"] / n,
-            "step_agreement": sum(rw["reward_steps"]) / n}
+    return sample_and_score(policy, image, question, args.samples, sampling, run.reward_cfg,
+                            run.prompts["solver"], image_features)
 
 
 def ask(policy: vlm.Policy, image, args, run: RunSettings) -> str:
@@ -249,72 +239,6 @@ def cmd_infer(args: InferArgs) -> int:
 
 
 # ---------------------------------------------------------------- evaluation
-@dataclass
-class Row:
-    line: int
-    image: str
-    question: str
-    answer: str
-    choices: list = field(default_factory=list)
-
-
-def parse_row(text: str, line: int, root: str) -> Row:
-    """One JSONL line as a Row; ValueError says what is wrong with it."""
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"not valid JSON ({e.msg})") from e
-    if not isinstance(obj, dict):
-        raise ValueError("not a JSON object")
-    for key, kinds in (("image", (str,)), ("question", (str,)), ("answer", (str, int, float))):
-        if not isinstance(obj.get(key), kinds):
-            raise ValueError(f"missing or non-text field '{key}'")
-    choices = obj.get("choices") or []
-    if not isinstance(choices, list) or not 0 <= len(choices) <= len(LETTERS) \
-            or not all(isinstance(c, (str, int, float)) for c in choices):
-        raise ValueError(f"'choices' must be a list of at most {len(LETTERS)} strings")
-    image = os.path.join(root, obj["image"])
-    if not os.path.isfile(image):
-        raise ValueError(f"image not found: {image}")
-    return Row(line, image, obj["question"], str(obj["answer"]), [str(c) for c in choices])
-
-
-def read_rows(path: str, limit: int) -> tuple[list[Row], list[str]]:
-    """Good rows (the first `limit` if > 0) and one message per bad line."""
-    if not os.path.isfile(path):
-        raise UserError(f"--data {path} does not exist")
-    rows, bad, root = [], [], os.path.dirname(os.path.abspath(path))
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line, text in enumerate(f, 1):
-            if limit and len(rows) >= limit:
-                break
-            if not text.strip():
-                continue
-            try:
-                rows.append(parse_row(text, line, root))
-            except ValueError as e:
-                bad.append(f"{path}:{line}: {e}")
-    return rows, bad
-
-
-def question_text(row: Row) -> str:
-    if not row.choices:
-        return row.question
-    options = " ".join(f"({letter}) {c}" for letter, c in zip(LETTERS, row.choices))
-    return f"{row.question}\nOptions: {options}"
-
-
-def gold_forms(row: Row) -> set[str]:
-    """Normalized answers counted correct: the answer, and for a multiple-choice row both the
-    letter and the text of the option it names."""
-    gold = {normalize_answer(row.answer)}
-    for letter, choice in zip(LETTERS, row.choices):
-        forms = {normalize_answer(letter), normalize_answer(choice)}
-        if gold & forms:
-            gold |= forms
-    return gold
-
-
 def eval_row(loaded: Loaded, names: list[str], row: Row, image, args, seed: int,
              runs: dict | None = None) -> dict:
     """Every model on one row; each starts from the same seed so the columns are paired.
@@ -329,10 +253,8 @@ def eval_row(loaded: Loaded, names: list[str], row: Row, image, args, seed: int,
             prompt, rw = solve(policy, image, question_text(row), args, shared.get(id(policy.model)),
                                (runs or {}).get(name))
         shared[id(policy.model)] = prompt.image_features
-        s = summary(rw)
-        results[name] = {**s, "correct_first": rw["answers_norm"][0] in gold,
-                         "correct_majority": s["majority"] in gold, "answers": rw["answers"],
-                         "samples": rw["texts"]}
+        results[name] = row_result(rw, gold, (runs or {}).get(name, RunSettings()).reward_cfg
+                                   .answer_match)
     return results
 
 
@@ -354,6 +276,10 @@ def cmd_eval(args: EvalArgs) -> int:
     except OSError as e:
         raise UserError(f"cannot write --out {args.out}: {first_line(e)}") from e
     runs = {m: run_settings(None if labels[m] == "base" else s) for m, s in zip(labels, specs)}
+    if args.answer_match:  # else each run's own (the default, string, for the base)
+        for run in runs.values():
+            run.reward_cfg = copy.copy(run.reward_cfg)
+            run.reward_cfg.answer_match = args.answer_match
     for m, run in runs.items():
         print(f"{labels[m]}: step scoring and prompts from {run.source}", file=sys.stderr)
     with out as f:

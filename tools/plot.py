@@ -1,11 +1,14 @@
-"""Training curves from a run's iter_log.jsonl, one PNG.
+"""Training curves from a run's iter_log.jsonl (and val_log.jsonl, if it validated), one PNG.
 
     python run.py plot runs/demo                   # writes runs/demo/curves.png
     python run.py plot runs/demo --out curves.png
 
-Per step, smoothed (a running mean over ~1/10 of the run, raw values faint behind): the mean final
-reward, the majority share (dominant_count / N), the answer entropy, the step-agreement reward with
-its mixing weight, the Solver's KL with its coefficient beta, and the Proposer's reward. A
+The held-out figures of each validation (--val_data: accuracy over all samples, maj@N, answer
+agreement; unsmoothed, one marker per validation). Per step, smoothed (a running mean over ~1/10
+of the run, raw values faint behind): the outcome and step-agreement rewards and the final reward
+that mixes them, with the step reward's mixing weight (its ramp moves the final reward on its own),
+the majority share (dominant_count / N), the answer entropy, the Solver's KL with its coefficient
+beta, and the Proposer's reward. A
 data-parallel log has one record per rank per step, and a log may hold several records (images)
 per step: every step shows the mean over its records.
 """
@@ -20,6 +23,7 @@ from collections import defaultdict
 import cli
 
 LOG_NAME = "iter_log.jsonl"
+VAL_LOG_NAME = "val_log.jsonl"  # validate.VAL_LOG
 
 
 class PlotError(Exception):
@@ -45,6 +49,7 @@ def _majority_share(rec: dict) -> float | None:
 # name -> how to read it from one record
 SERIES = {
     "reward_final": lambda r: _mean(r.get("reward_final")),
+    "reward_outcome": lambda r: _mean(r.get("reward_outcome")),
     "majority_share": _majority_share,
     "answer_entropy": lambda r: _mean(r.get("answer_entropy")),
     "reward_steps": lambda r: _mean(r.get("reward_steps")),
@@ -106,18 +111,56 @@ def smooth(values: list[float], window: int) -> list[float]:
     return out
 
 
-PANELS = [  # (title, [(series, label)], log scale)
-    ("mean final reward", [("reward_final", "reward")], False),
+PANELS = [  # (title, [(series, label)], log scale); the first panel is validation's
+    ("rewards: final = (1 - w) outcome + w step", [
+        ("reward_outcome", "outcome"), ("reward_steps", "step agreement"),
+        ("reward_final", "final"), ("step_reward_weight", "w (ramps in)")], False),
     ("majority share (dominant_count / N)", [("majority_share", "share")], False),
     ("answer entropy (nats)", [("answer_entropy", "entropy")], False),
-    ("step-agreement reward", [("reward_steps", "step reward"),
-                               ("step_reward_weight", "mixing weight")], False),
     ("solver KL and beta", [("solver_kl", "KL"), ("kl_coef_solver", "beta")], True),
     ("proposer reward", [("proposer_reward", "reward")], False),
 ]
+VAL_SERIES = [("val_acc_mean", "accuracy, all samples"), ("val_maj_at_n", "maj@N"),
+              ("val_agreement", "answer agreement")]
 
 
-def plot(records: list[dict], out: str, title: str) -> str:
+def read_val_log(path: str) -> list[dict]:
+    """The validation records next to a run's log (none when it did not validate); unreadable
+    lines are skipped."""
+    folder = path if os.path.isdir(path) else os.path.dirname(path)
+    val_path = os.path.join(folder, VAL_LOG_NAME)
+    if not os.path.isfile(val_path):
+        return []
+    out = []
+    with open(val_path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(rec, dict) and isinstance(rec.get("step"), int):
+                out.append(rec)
+    return sorted(out, key=lambda r: r["step"])
+
+
+def plot_validation(ax, val_records: list[dict]) -> None:
+    ax.set_title("held-out, while training (validation)", fontsize=10)
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+    drawn = False
+    for i, (key, label) in enumerate(VAL_SERIES):
+        points = [(r["step"], r[key]) for r in val_records if _mean(r.get(key)) is not None]
+        if points:
+            ax.plot(*zip(*points), color=f"C{i}", marker="o", markersize=3, label=label)
+            drawn = True
+    if drawn:
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no validation\n(train with --val_data)", ha="center", va="center",
+                transform=ax.transAxes, color="gray")
+
+
+def plot(records: list[dict], out: str, title: str, val_records: list[dict] = ()) -> str:
     import matplotlib
     matplotlib.use("Agg")  # files only: no display needed
     import matplotlib.pyplot as plt
@@ -125,12 +168,16 @@ def plot(records: list[dict], out: str, title: str) -> str:
     n_steps = max(len(s) for s, _ in series.values()) if series else 1
     window = max(1, n_steps // 10)
     fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
-    for ax, (panel, lines, log_scale) in zip(axes.flat, PANELS):
+    plot_validation(axes.flat[0], list(val_records))
+    for ax, (panel, lines, log_scale) in zip(axes.flat[1:], PANELS):
         for i, (name, label) in enumerate(lines):
             if name not in series:
                 continue
             steps, values = series[name]
             color = f"C{i}"
+            if name == "step_reward_weight":  # a schedule, not a measurement: not smoothed
+                ax.plot(steps, values, color=color, linestyle="--", label=label, linewidth=1.2)
+                continue
             if log_scale:
                 keep = [(s, v) for s, v in zip(steps, values) if v > 0]
                 steps, values = [s for s, _ in keep], [v for _, v in keep]
@@ -169,7 +216,7 @@ def main(argv: list[str]) -> int:
     run_dir = args.run if os.path.isdir(args.run) else os.path.dirname(args.run)
     out = args.out or os.path.join(run_dir, "curves.png")
     try:
-        plot(records, out, os.path.basename(os.path.abspath(run_dir)))
+        plot(records, out, os.path.basename(os.path.abspath(run_dir)), read_val_log(args.run))
     except OSError as e:
         print(f"error: cannot write {out}: {e.strerror or e}", file=sys.stderr)
         return 2
