@@ -214,7 +214,11 @@ ROLE_KEYS = {"baseline_before": "{role}_baseline_before", "kl": "{role}_kl",
              "kl_coef_before": "kl_coef_{role}_before", "kl_coef_after": "kl_coef_{role}_after",
              "loss": "{role}_loss",
              # mean |sampler's log-prob - the update's| per completion token (vllm_engine.py)
-             "logprob_diff": "{role}_logprob_diff"}               # update.update_role
+             "logprob_diff": "{role}_logprob_diff",
+             # the rate this update used (--lr_scheduler); groups --skip_zero_std left out (null
+             # when off); share of completion tokens whose ratio the clip bound (--clip_eps)
+             "lr": "{role}_lr", "groups_skipped": "{role}_groups_skipped",
+             "clip_frac": "{role}_clip_frac"}                      # update.update_role
 PER_SAMPLE_KEYS = {"baseline_per_sample": "{role}_baseline_per_sample",
                    "kl_coef_per_sample": "kl_coef_{role}_per_sample",
                    "kl_per_sample": "{role}_kl_per_sample"}       # ... with --update_mode per_sample

@@ -24,6 +24,7 @@ from tqdm import tqdm
 from transformers import StoppingCriteria
 
 import checkpoint as ckpt
+import lr_schedule
 import rewards as R
 from config import Config, parse_config
 from data_and_utils import (ImagePool, check_data_dir, extract_question, proposer_prompt,
@@ -85,6 +86,7 @@ class Run:
     st: TrainState
     stop: Stop | None = None      # set by loop(): signals are caught from its start
     engine: object | None = None  # --rollout_engine vllm: the rank's vllm_engine.VLLMEngine
+    schedulers: dict = field(default_factory=dict)  # role -> its optimizer's LR scheduler
 
     @property
     def log_path(self) -> str:
@@ -156,6 +158,7 @@ def train_step(run: Run, step: int, timer=no_timer) -> list[dict] | None:
     if proposer_updated and run.engine is not None:
         with timer("proposer_sync"):
             run.engine.sync("proposer", policies["proposer"])
+    lr_schedule.step_all(run.schedulers)  # the schedule is by training step, for both roles
     sync_bad_images(run.pool, st, dist)
     # Ranks must hold identical adapters; the checksum in every record lets anyone check.
     # float64 accumulation without float64 copies of the weights, and one device sync.
@@ -252,7 +255,8 @@ def start_run(cfg: Config, dist: Dist):
                     cfg.lean_decode))
             log_sampling(cfg, policies)
         run = Run(cfg=cfg, dist=dist, name=name, dir=run_dir, pool=pool, policies=policies,
-                  optimizers=optimizers, st=TrainState(kl_coef={r: cfg.kl_coef for r in ROLES}))
+                  optimizers=optimizers, st=TrainState(kl_coef={r: cfg.kl_coef for r in ROLES}),
+                  schedulers=lr_schedule.make_schedulers(cfg, optimizers))
         seed_all(cfg.seed + dist.rank)  # different samples on every rank
         resumed = resume(run)
         if dist.is_main:
@@ -295,6 +299,11 @@ def resume(run: Run) -> str | None:
         run.optimizers[role].load_state_dict(saved["optimizers"][role])
         for group in run.optimizers[role].param_groups:  # the flags given now win over saved ones
             group["lr"], group["weight_decay"] = cfg.lr, cfg.weight_decay
+    try:  # the rate at the restored step, on the schedule the flags give now
+        lr_schedule.restore(run.schedulers, saved.get("schedulers"), saved["step"], cfg.lr)
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{path}: its learning-rate schedule state is unusable ({e}); resume "
+                        f"from an older checkpoint with --resume_from") from e
     for key in vars(st):
         setattr(st, key, saved["train_state"][key])
     rngs = saved["rng"]
@@ -317,6 +326,7 @@ def save(run: Run, rng: dict) -> str | None:
     if dist.is_main:
         state = {"step": st.step, "train_state": vars(st).copy(), "rng": rngs,
                  "optimizers": {r: o.state_dict() for r, o in run.optimizers.items()},
+                 "schedulers": lr_schedule.state(run.schedulers),
                  "config": cfg.to_dict(), "prompts": cfg.prompt_texts(), "world_size": dist.world}
         try:
             path = ckpt.save_checkpoint(run.dir, st.step, run.policies, state, cfg.max_checkpoints)
@@ -340,7 +350,8 @@ def show_progress(bar, records: list[dict], run: Run) -> None:
                     zero_std=f"{s['frac_reward_zero_std']:.2f}",
                     len=f"{s['completion_length_mean']:.0f}/{s['completion_length_max']}",
                     clipped=f"{s['clipped_ratio']:.2f}", entropy=f"{s['token_entropy']:.2f}",
-                    kl=f"{r['solver_kl']:.2e}", beta=f"{run.st.kl_coef['solver']:.2e}")
+                    kl=f"{r['solver_kl']:.2e}" if r["solver_kl"] is not None else "skipped",
+                    beta=f"{run.st.kl_coef['solver']:.2e}")
 
 
 def loop(run: Run) -> int:
