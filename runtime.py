@@ -303,6 +303,10 @@ def log_wandb(run, records: list[dict], images_every: int = 0) -> None:
     if r["proposer_updated"]:
         data.update({"proposer/kl": r["proposer_kl"], "proposer/kl_coef": r["kl_coef_proposer_after"],
                      "proposer/loss": r["proposer_loss"]})
+    # the objective knobs' (update.update_role): null when off, or the role was not updated
+    data.update({f"{role}/{key}": r.get(f"{role}_{key}") for role in ROLES_LOGGED
+                 for key in ("lr", "groups_skipped", "clip_frac")})
+    data = {k: v for k, v in data.items() if v is not None}  # e.g. a step --skip_zero_std skipped
     for role in ROLES_LOGGED:  # the sampler's log-probs against the update's
         if r[f"{role}_logprob_diff"] is not None:
             data[f"{role}/logprob_diff"] = r[f"{role}_logprob_diff"]

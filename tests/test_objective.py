@@ -367,3 +367,26 @@ def test_resume_is_exact_with_a_schedule(tiny_model, image_dir, tmp_path):
         a, b = (load_file(os.path.join(out, name, "step_00004", role,
                                        "adapter_model.safetensors")) for name in ("once", "split"))
         assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_wandb_gets_the_rate_and_the_skips_and_no_nulls(monkeypatch, tmp_path):
+    import sys
+    import types
+    import runtime
+    logged = []
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(
+        Table=lambda columns, data: ("table", columns, data)))
+    run = types.SimpleNamespace(log=lambda data, step: logged.append(data))
+    rec = {"step": 1, "reward_final": [0.5, 0.5], "reward_outcome": [0.5, 0.5],
+           "answer_entropy": 0.0, "step_reward_weight": 0.0, "seconds": 1.0, "skipped_images": 0,
+           "solver_kl": None, "kl_coef_solver_after": 1e-3, "solver_loss": None,
+           "solver_baseline_before": 0.0, "proposer_reward": 0.5, "step_info": {},
+           "proposer_updated": False, "question": "q", "answers": ["3", "3"],
+           "dominant_answer": "3", "image_path": str(tmp_path / "a.png"),
+           "distinct_completions": 1, "completion_lengths": [5, 5], "completions_clipped": 0,
+           "token_entropy": 1.0, "solver_logprob_diff": None, "proposer_logprob_diff": None,
+           "solver_lr": 5e-4, "solver_groups_skipped": 1, "solver_clip_frac": None}
+    runtime.log_wandb(run, [rec])
+    (data,) = logged
+    assert data["solver/lr"] == 5e-4 and data["solver/groups_skipped"] == 1
+    assert None not in data.values() and "solver/kl" not in data and "solver/clip_frac" not in data
