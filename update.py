@@ -195,7 +195,7 @@ def update_role(cfg: Config, role: str, policies: dict, optimizers: dict, episod
         if out is not None:
             _adapt_kl_coef(cfg, role, st, per["kl"][-1], out["finite"])
     skipped = count_skipped(keep, group_size, dist)
-    if skipped is not None and None in per["loss"]:
+    if skipped is not None and None in per["loss"] and dist.is_main:
         log.info("%s: %d of %d groups have equal rewards and were left out (--skip_zero_std); "
                  "%d of %d optimizer steps not taken", role, skipped,
                  dist.world * episode.prompt.images, per["loss"].count(None), len(parts))
