@@ -235,8 +235,10 @@ def test_aggregations_and_entropy_on_the_model_by_hand(small):
                 "token_mean": (adv * nll_sum).sum().item() / tokens,
                 "seq_sum_norm": (adv * nll_sum).sum().item() / (n * limit)}
     for agg, value in expected.items():
-        loss, _, _ = run_accumulate(replace(cfg, loss_agg=agg), solver, episode, adv, 0.0)
-        assert loss == pytest.approx(value, rel=1e-5, abs=1e-7), agg
+        for chunk in (0, 4):  # chunks of 4 rows cut across the two images
+            loss, _, _ = run_accumulate(replace(cfg, loss_agg=agg, update_micro_batch=chunk),
+                                        solver, episode, adv, 0.0)
+            assert loss == pytest.approx(value, rel=1e-5, abs=1e-7), (agg, chunk)
     assert len({round(v, 6) for v in expected.values()}) == 3  # the case tells them apart
     bonus = ((ent * m).sum(1) / m.sum(1)).mean().item()
     loss, _, _ = run_accumulate(replace(cfg, entropy_coef=0.1), solver, episode, adv, 0.0)
@@ -299,11 +301,13 @@ def test_skip_zero_std_leaves_the_group_out(small, caplog):
     solver = policies["solver"]
     adv = torch.tensor([0.5, -1.0, 0.5, 0.0, 0.0, 0.0])
     keep = objective.kept_rows([1.0, 0.0, 1.0, 0.3, 0.3, 0.3], N)
-    _, _, got = run_accumulate(cfg, solver, update.Episode(prompt, roll, []), adv, 0.3, keep=keep)
     first = update.Episode(alone, roll.rows(slice(0, N)), [])
     _, _, expected = run_accumulate(cfg, solver, first, adv[:N], 0.3)
-    assert got.keys() == expected.keys() and got
-    assert all(torch.allclose(got[k], expected[k], atol=1e-6, rtol=0) for k in got)
+    for chunk in (0, 3):  # 3: the second chunk holds only left-out rows
+        _, _, got = run_accumulate(replace(cfg, update_micro_batch=chunk), solver,
+                                   update.Episode(prompt, roll, []), adv, 0.3, keep=keep)
+        assert got.keys() == expected.keys() and got
+        assert all(torch.allclose(got[k], expected[k], atol=1e-6, rtol=0) for k in got)
 
     cfg = replace(cfg, skip_zero_std=True, baseline="group")
     episode = update.Episode(prompt, roll, [0.3, 0.3, 0.3, 0.7, 0.7, 0.7])
