@@ -66,6 +66,8 @@ def accumulate_gradients(cfg: Config, policy: Policy, episode: Episode, advantag
     chunk = cfg.update_micro_batch or ids.shape[0]
     temperature = score_temperature(cfg)
     max_len = getattr(cfg, f"max_new_tokens_{policy.role}")  # --loss_agg seq_sum_norm's constant
+    if stats is not None and episode.rollout.logprobs is not None:  # a rank whose rows were all
+        stats.setdefault("logprob_diff_sum", 0.0)  # left out still joins the ranks' mean of it
     loss_sum, kl_sum = 0.0, 0.0
     with acting(policy) as model:
         for lo in range(0, ids.shape[0], chunk):

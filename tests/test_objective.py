@@ -394,3 +394,23 @@ def test_wandb_gets_the_rate_and_the_skips_and_no_nulls(monkeypatch, tmp_path):
     (data,) = logged
     assert data["solver/lr"] == 5e-4 and data["solver/groups_skipped"] == 1
     assert None not in data.values() and "solver/kl" not in data and "solver/clip_frac" not in data
+
+
+@pytest.mark.slow
+def test_skip_zero_std_on_two_ranks_when_one_rank_skips_all(tiny_model, image_dir, tmp_path):
+    """Rank 1's only group has no spread, rank 0's has: both ranks take the step (rank 1 adds a
+    zero gradient), stay identical, and agree on the logged figures (no collective is missed)."""
+    import subprocess
+    import sys
+    from conftest import ENV, ROOT
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+           os.path.join(ROOT, "tests", "ddp_skip.py"), tiny_model, image_dir, str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=ROOT, env=ENV)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    params = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    fields = [json.load(open(tmp_path / f"rank{r}.json")) for r in (0, 1)]
+    assert all(torch.equal(a, b) for a, b in zip(params[0]["after"], params[1]["after"]))
+    assert any(not torch.equal(a, b) for a, b in zip(params[0]["before"], params[0]["after"]))
+    assert fields[0]["solver_groups_skipped"] == fields[1]["solver_groups_skipped"] == 1
+    assert fields[0]["solver_kl"] == fields[1]["solver_kl"] is not None
+    assert fields[0]["solver_logprob_diff"] == fields[1]["solver_logprob_diff"] is not None
