@@ -186,7 +186,7 @@ def update_role(cfg: Config, role: str, policies: dict, optimizers: dict, episod
             with timer(f"{role}_update"):
                 out = update_policy(cfg, policies[role], optimizers[role], part, adv,
                                     st.kl_coef[role], dist, keep=part_keep)
-        per["kl"].append(None if out is None else dist.mean(out["kl"]))
+        per["kl"].append(None if out is None else _rank_mean_kl(out["kl"], part_keep, dist))
         per["loss"].append(None if out is None else out["loss"])
         per["diff"].append(None if out is None else out["logprob_diff_sum"])
         per["tokens"].append(0 if out is None else out["tokens"])
@@ -228,6 +228,13 @@ def count_skipped(keep: torch.Tensor | None, group_size: int, dist: Dist) -> int
     if keep is None:
         return None
     return sum(dist.gather(int((~keep.view(-1, group_size).any(1)).sum())))
+
+
+def _rank_mean_kl(kl: float, keep: torch.Tensor | None, dist: Dist) -> float:
+    """The mean over ranks of their KL, over the ranks that kept rows (--skip_zero_std): a rank
+    whose groups were all left out measured none."""
+    mean = dist.mean(kl)
+    return mean if keep is None else mean / dist.mean(float(keep.any()))
 
 
 def lr_now(optimizer) -> float:

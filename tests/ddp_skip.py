@@ -23,12 +23,21 @@ from sampling import Sampling  # noqa: E402
 REWARDS = ([1.0, 0.0, 0.0], [0.5, 0.5, 0.5])  # rank 0: a spread; rank 1: none
 
 
+def perturb(solver) -> None:
+    """A trained-looking adapter (the same on every rank), so the KL to the base is not 0."""
+    with torch.no_grad():
+        for name, p in solver.model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(7)) * 0.05)
+
+
 def main(model: str, data: str, out: str):
     dist = Dist()
     try:
         cfg, policies, pool = ddp_update.setup(model, data)
         cfg = replace(cfg, skip_zero_std=True, baseline="group", num_solver_samples=3)
         solver = policies["solver"]
+        perturb(solver)
         train.seed_all(cfg.seed + dist.rank)
         prompt = ddp_update.prompt_for(solver, pool, dist.rank)
         roll = vlm.generate(solver, prompt, 3, Sampling(max_new_tokens=12))
@@ -38,7 +47,8 @@ def main(model: str, data: str, out: str):
         fields = update.update_role(cfg, "solver", policies, {"solver": opt},
                                     update.Episode(prompt, roll, list(REWARDS[dist.rank])), st,
                                     dist)
-        torch.save({"before": before, "after": [p.detach().clone() for p in solver.parameters()]},
+        torch.save({"before": before, "after": [p.detach().clone() for p in solver.parameters()],
+                    "texts": roll.texts, "ids": roll.ids, "mask": roll.mask},
                    os.path.join(out, f"rank{dist.rank}.pt"))
         with open(os.path.join(out, f"rank{dist.rank}.json"), "w") as f:
             json.dump(fields, f)

@@ -413,4 +413,15 @@ def test_skip_zero_std_on_two_ranks_when_one_rank_skips_all(tiny_model, image_di
     assert any(not torch.equal(a, b) for a, b in zip(params[0]["before"], params[0]["after"]))
     assert fields[0]["solver_groups_skipped"] == fields[1]["solver_groups_skipped"] == 1
     assert fields[0]["solver_kl"] == fields[1]["solver_kl"] is not None
+    # the KL is rank 0's alone (rank 1 measured none): redone in one process
+    import ddp_skip
+    import ddp_update
+    cfg, policies, pool = ddp_update.setup(tiny_model, image_dir)
+    solver, saved = policies["solver"], params[0]
+    ddp_skip.perturb(solver)
+    episode = update.Episode(ddp_update.prompt_for(solver, pool, 0),
+                             vlm.Rollout(saved["texts"], saved["ids"], saved["mask"]), [])
+    _, kl_sum = update.accumulate_gradients(cfg, solver, episode, torch.zeros(3), 0.05)
+    assert kl_sum > 0
+    assert fields[0]["solver_kl"] == pytest.approx(kl_sum / saved["mask"].sum().item(), rel=1e-5)
     assert fields[0]["solver_logprob_diff"] == fields[1]["solver_logprob_diff"] is not None
