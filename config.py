@@ -18,6 +18,8 @@ from typing import Optional
 from cli import CommandLineError, DataclassParser
 from answers import MATCHES, check_match
 from data_and_utils import PROPOSER_PROMPT, QUESTION_PLACEHOLDER, SOLVER_PROMPT, read_prompt_file
+from lr_schedule import LR_SCHEDULERS
+from objective import LOSS_AGGS
 
 WANDB_MODES = ("disabled", "offline", "online")
 # Validation metrics where higher is better (validate.py).
@@ -260,6 +262,34 @@ class Config:
     stop_on_collapse: bool = _help("On an alarm: save, stop with exit 0 and name the best "
                                    "checkpoint.", default=False)
 
+    # ---- objective knobs (objective.py, lr_schedule.py; all off by default) ----
+    lr_scheduler: str = _help(f"Learning-rate schedule of both roles over the training steps: "
+                              f"one of {LR_SCHEDULERS} (after any warm-up).", default="constant")
+    warmup_steps: int = _help("Linear learning-rate warm-up from 0 over this many steps.",
+                              default=0)
+    warmup_ratio: float = _help("Warm-up as a share of --total_steps (instead of "
+                                "--warmup_steps).", default=0.0)
+    scale_advantages: bool = _help("Divide each Solver advantage by its group's reward std "
+                                   "(sample std + 1e-4), as GRPO does (needs --baseline group).",
+                                   default=False)
+    skip_zero_std: bool = _help("Leave Solver groups whose N rewards are all equal out of the "
+                                "update (no gradient; counted as solver_groups_skipped). A step "
+                                "with every group skipped takes no optimizer step.",
+                                default=False)
+    loss_agg: str = _help(f"Policy-loss aggregation, one of {LOSS_AGGS}: mean over completions of "
+                          f"the token mean; mean over all completion tokens; token sum over the "
+                          f"token limit, mean over completions (Dr. GRPO). The KL term stays "
+                          f"the token mean.", default="seq_mean")
+    num_iterations: int = _help("Optimizer steps per batch of rollouts (PPO epochs): K > 1 "
+                                "needs --clip_eps.", default=1)
+    clip_eps: float = _help("PPO clip of the ratio to the sampler's policy (its tempered "
+                            "log-probs): 1 - eps .. 1 + eps (0 = off: plain REINFORCE).",
+                            default=0.0)
+    clip_eps_high: Optional[float] = _help("Upper clip 1 + this (DAPO's clip-higher; default "
+                                           "--clip_eps).", default=None)
+    entropy_coef: float = _help("Entropy bonus: minus this times the tempered softmax's entropy, "
+                                "aggregated as --loss_agg, is added to the loss.", default=0.0)
+
     def __post_init__(self):
         self.include_subfolders_list = _split(self.include_subfolders)
         self.lora_targets_list = _split(self.lora_targets)
@@ -369,6 +399,40 @@ class Config:
                    f"--{name} must be one of {KEEP_BEST_METRICS}, got {getattr(self, name)!r}")
             _check(not getattr(self, name) or bool(self.val_data),
                    f"--{name} needs validation: add --val_data labeled.jsonl")
+        self._check_objective()
+
+    def _check_objective(self):
+        """The objective knobs' checks (objective.py, lr_schedule.py)."""
+        _check(self.lr_scheduler in LR_SCHEDULERS,
+               f"--lr_scheduler must be one of {LR_SCHEDULERS}, got {self.lr_scheduler!r}")
+        _check(0 <= self.warmup_steps <= self.total_steps,
+               f"--warmup_steps must be in [0, --total_steps], got {self.warmup_steps}")
+        _check(0 <= self.warmup_ratio <= 1,
+               f"--warmup_ratio must be in [0, 1], got {self.warmup_ratio}")
+        _check(not (self.warmup_steps and self.warmup_ratio),
+               "give --warmup_steps or --warmup_ratio, not both")
+        _check(self.loss_agg in LOSS_AGGS,
+               f"--loss_agg must be one of {LOSS_AGGS}, got {self.loss_agg!r}")
+        _check(self.num_iterations >= 1,
+               f"--num_iterations must be >= 1, got {self.num_iterations}")
+        _check(0 <= self.clip_eps < 1, f"--clip_eps must be in [0, 1), got {self.clip_eps}")
+        _check(self.clip_eps_high is None or (self.clip_eps > 0 and self.clip_eps_high >= 0),
+               "--clip_eps_high needs --clip_eps > 0 and must be >= 0")
+        _check(self.num_iterations == 1 or self.clip_eps > 0,
+               f"--num_iterations {self.num_iterations} reuses each rollout for several steps: "
+               f"bound the ratio with --clip_eps (e.g. 0.2)")
+        _check(self.num_iterations == 1 or self.update_mode == "batched",
+               "--num_iterations > 1 needs --update_mode batched")
+        _check(not (self.clip_eps and self.rollout_is_cap),
+               "--clip_eps already weighs each token by its ratio to the sampler's policy: "
+               "drop --rollout_is_cap")
+        _check(self.entropy_coef >= 0, f"--entropy_coef must be >= 0, got {self.entropy_coef}")
+        _check(not self.scale_advantages or self.baseline == "group",
+               "--scale_advantages divides r - mean(group) by the group's std (GRPO); with "
+               "--baseline ema a unanimous group would get (r - b) / 1e-4: add --baseline group")
+        for flag in ("scale_advantages", "skip_zero_std"):
+            _check(not getattr(self, flag) or self.num_solver_samples >= 2,
+                   f"--{flag} needs a reward spread: --num_solver_samples >= 2")
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}

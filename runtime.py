@@ -258,7 +258,11 @@ ROLE_KEYS = {"baseline_before": "{role}_baseline_before", "kl": "{role}_kl",
              "kl_coef_before": "kl_coef_{role}_before", "kl_coef_after": "kl_coef_{role}_after",
              "loss": "{role}_loss",
              # mean |sampler's log-prob - the update's| per completion token (vllm_engine.py)
-             "logprob_diff": "{role}_logprob_diff"}               # update.update_role
+             "logprob_diff": "{role}_logprob_diff",
+             # the rate this update used (--lr_scheduler); groups --skip_zero_std left out (null
+             # when off); share of completion tokens whose ratio the clip bound (--clip_eps)
+             "lr": "{role}_lr", "groups_skipped": "{role}_groups_skipped",
+             "clip_frac": "{role}_clip_frac"}                      # update.update_role
 PER_SAMPLE_KEYS = {"baseline_per_sample": "{role}_baseline_per_sample",
                    "kl_coef_per_sample": "kl_coef_{role}_per_sample",
                    "kl_per_sample": "{role}_kl_per_sample"}       # ... with --update_mode per_sample
@@ -343,6 +347,10 @@ def log_wandb(run, records: list[dict], images_every: int = 0) -> None:
     if r["proposer_updated"]:
         data.update({"proposer/kl": r["proposer_kl"], "proposer/kl_coef": r["kl_coef_proposer_after"],
                      "proposer/loss": r["proposer_loss"]})
+    # the objective knobs' (update.update_role): null when off, or the role was not updated
+    data.update({f"{role}/{key}": r.get(f"{role}_{key}") for role in ROLES_LOGGED
+                 for key in ("lr", "groups_skipped", "clip_frac")})
+    data = {k: v for k, v in data.items() if v is not None}  # e.g. a step --skip_zero_std skipped
     for role in ROLES_LOGGED:  # the sampler's log-probs against the update's
         if r[f"{role}_logprob_diff"] is not None:
             data[f"{role}/logprob_diff"] = r[f"{role}_logprob_diff"]

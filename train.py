@@ -27,6 +27,7 @@ import checkpoint as ckpt
 import devices
 import image_stream
 import memfit
+import lr_schedule
 import rewards as R
 import startup
 import validate as V
@@ -97,6 +98,7 @@ class Run:
     cuda_devices: list = field(default_factory=list)  # this process's GPUs (devices.cuda_devices)
     val_rows: list | None = None  # --val_data's rows
     val_text: str = ""            # the newest validation, for the progress bar
+    schedulers: dict = field(default_factory=dict)  # role -> its optimizer's LR scheduler
 
     @property
     def log_path(self) -> str:
@@ -179,6 +181,7 @@ def train_step(run: Run, step: int, timer=no_timer) -> list[dict] | None:
         if proposer_updated:
             with timer("proposer_sync"):
                 run.engine.sync("proposer", policies["proposer"])
+    lr_schedule.step_all(run.schedulers)  # the schedule is by training step, for both roles
     # Ranks must hold identical adapters; the checksum in every record lets anyone check.
     # float64 accumulation without float64 copies of the weights, and one device sync (the
     # sums of a model split over devices gathered on the first parameter's).
@@ -282,7 +285,8 @@ def start_run(cfg: Config, dist: Dist):
             devices.log_faster_command(cfg, dist.world, policies)
         run = Run(cfg=cfg, dist=dist, name=name, dir=run_dir, pool=pool, policies=policies,
                   optimizers=optimizers, st=TrainState(kl_coef={r: cfg.kl_coef for r in ROLES}),
-                  cuda_devices=devices.cuda_devices(policies))
+                  cuda_devices=devices.cuda_devices(policies),
+                  schedulers=lr_schedule.make_schedulers(cfg, optimizers))
         seed_all(cfg.seed + dist.rank)  # different samples on every rank
         resumed = resume(run)
         if dist.is_main:
@@ -329,6 +333,11 @@ def resume(run: Run) -> str | None:
         run.optimizers[role].load_state_dict(saved["optimizers"][role])
         for group in run.optimizers[role].param_groups:  # the flags given now win over saved ones
             group["lr"], group["weight_decay"] = cfg.lr, cfg.weight_decay
+    try:  # the rate at the restored step, on the schedule the flags give now
+        lr_schedule.restore(run.schedulers, saved.get("schedulers"), saved["step"], cfg.lr)
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{path}: its learning-rate schedule state is unusable ({e}); resume "
+                        f"from an older checkpoint with --resume_from") from e
     for key in template:
         setattr(st, key, saved["train_state"][key])
     st.image_cursor = image_stream.saved_cursor(saved)
@@ -362,6 +371,7 @@ def save(run: Run, rng: dict) -> str | None:
     if dist.is_main:
         state = {"step": st.step, "train_state": vars(st).copy(), "rng": rngs,
                  "optimizers": {r: o.state_dict() for r, o in run.optimizers.items()},
+                 "schedulers": lr_schedule.state(run.schedulers),
                  "config": cfg.to_dict(), "prompts": cfg.prompt_texts(), "world_size": dist.world}
         try:
             path = ckpt.save_checkpoint(run.dir, st.step, run.policies, state, cfg.max_checkpoints,
@@ -388,7 +398,8 @@ def show_progress(bar, records: list[dict], run: Run) -> None:
                     zero_std=f"{s['frac_reward_zero_std']:.2f}",
                     len=f"{s['completion_length_mean']:.0f}/{s['completion_length_max']}",
                     clipped=f"{s['clipped_ratio']:.2f}", entropy=f"{s['token_entropy']:.2f}",
-                    kl=f"{r['solver_kl']:.2e}", beta=f"{run.st.kl_coef['solver']:.2e}",
+                    kl=f"{r['solver_kl']:.2e}" if r["solver_kl"] is not None else "skipped",
+                    beta=f"{run.st.kl_coef['solver']:.2e}",
                     **({"val": run.val_text} if run.val_text else {}))
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+import objective
 import rewards as R
 from config import Config
 from distributed import Dist, TrainingError
@@ -42,8 +43,8 @@ class Episode:
 
 
 def accumulate_gradients(cfg: Config, policy: Policy, episode: Episode, advantages: torch.Tensor,
-                         beta: float, norm: tuple | None = None,
-                         stats: dict | None = None) -> tuple[float, float]:
+                         beta: float, norm: tuple | None = None, stats: dict | None = None,
+                         keep: torch.Tensor | None = None) -> tuple[float, float]:
     """Backward of loss = mean_i(A_i NLL_i) + beta KL over all completions (of all the step's
     images), adding into .grad. Chunks of update_micro_batch completions sum to exactly the
     unchunked gradient, and only one chunk's [rows, L, V] tensors are alive at a time. `norm`
@@ -52,19 +53,28 @@ def accumulate_gradients(cfg: Config, policy: Policy, episode: Episode, advantag
     A rollout that carries its sampler's log-probs (our loop's, or vllm_engine.py's) adds their
     absolute difference from this forward's, summed over tokens, to stats["logprob_diff_sum"];
     with --rollout_is_cap C each token's REINFORCE term is weighted by min(pi_train/pi_rollout,
-    C) (truncated importance sampling, the weight a constant). Returns (loss, KL summed over
-    tokens)."""
+    C) (truncated importance sampling, the weight a constant). The objective's knobs (clipped
+    ratio to the sampler's log-probs, --loss_agg, entropy) are objective.policy_loss's; `keep`
+    [n] bool (--skip_zero_std) leaves rows out of the loss and of both counts. Returns (loss,
+    KL summed over tokens)."""
     ids, mask = episode.rollout.ids, episode.rollout.mask
-    n, tokens = ids.shape[0], mask.sum().clamp(min=1)
+    if keep is not None:
+        mask = mask * keep[:, None].to(mask.device, mask.dtype)
+    n, tokens = ids.shape[0] if keep is None else int(keep.sum()), mask.sum().clamp(min=1)
     if norm is not None:
         n, tokens = norm[0], torch.as_tensor(norm[1], dtype=tokens.dtype)
     owner = row_images(episode.prompt, ids.shape[0])
     chunk = micro_batch(cfg) or ids.shape[0]
     temperature = score_temperature(cfg)
+    max_len = getattr(cfg, f"max_new_tokens_{policy.role}")  # --loss_agg seq_sum_norm's constant
+    if stats is not None and episode.rollout.logprobs is not None:  # a rank whose rows were all
+        stats.setdefault("logprob_diff_sum", 0.0)  # left out still joins the ranks' mean of it
     loss_sum, kl_sum = 0.0, 0.0
     with acting(policy) as model:
         for lo in range(0, ids.shape[0], chunk):
             part = slice(lo, lo + chunk)
+            if keep is not None and not keep[part].any():
+                continue
             own = owner[part]
             ref_logp = reference_logprobs(policy, episode.prompt, ids[part], mask[part], own,
                                           temperature)
@@ -73,23 +83,24 @@ def accumulate_gradients(cfg: Config, policy: Policy, episode: Episode, advantag
             # a split model's logits are on the lm_head's device, the rollout on the embedding's
             tok_logp, logp = token_logprobs(logits, ids[part].to(logits.device), temperature)
             m = mask[part].to(logits.device).float()
-            weight = m
+            weight, old = m, None
             if episode.rollout.logprobs is not None:
-                gap = (tok_logp.detach() - episode.rollout.logprobs[part].to(m.device)) * m
+                old = episode.rollout.logprobs[part]
+                gap = (tok_logp.detach() - old.to(m.device)) * m
                 if stats is not None:
                     stats["logprob_diff_sum"] = (stats.get("logprob_diff_sum", 0.0)
                                                  + gap.abs().sum().item())
                 if cfg.rollout_is_cap:
                     weight = m * gap.exp().clamp(max=cfg.rollout_is_cap)
-            nll = -(tok_logp * weight).sum(1) / m.sum(1).clamp(min=1)
+            pg = objective.policy_loss(cfg, tok_logp, logp, advantages[part], weight, m, old, n,
+                                       tokens.to(m.device), max_len, stats)
             kl = (kl_per_token(logp, ref_logp.to(logp.device), ids[part].to(logp.device),
                                cfg.kl_estimator) * m).sum()
-            loss = ((advantages[part].to(nll.device) * nll).sum() / n
-                    + beta * kl / tokens.to(kl.device))
+            loss = pg + beta * kl / tokens.to(kl.device)
             loss.backward()
             loss_sum += loss.item()
             kl_sum += kl.item()
-            del ref_logp, logits, tok_logp, logp, loss  # before the next chunk's are made
+            del ref_logp, logits, tok_logp, logp, pg, loss  # before the next chunk's are made
     return loss_sum, kl_sum
 
 
@@ -102,22 +113,36 @@ def micro_batch(cfg: Config) -> int:
 
 
 def update_policy(cfg: Config, policy: Policy, optimizer, episode: Episode,
-                  advantages: torch.Tensor, beta: float, dist: Dist) -> dict:
-    """One REINFORCE + KL optimizer step; gradients are averaged over ranks before clipping.
-    A non-finite loss or gradient on any rank skips the step on all ranks."""
+                  advantages: torch.Tensor, beta: float, dist: Dist,
+                  keep: torch.Tensor | None = None) -> dict:
+    """--num_iterations (default 1) REINFORCE + KL optimizer steps on one batch of rollouts;
+    gradients are averaged over ranks before clipping. A non-finite loss or gradient on any rank
+    skips the step on all ranks, and the passes left. `keep`: accumulate_gradients'."""
     params = policy.parameters()
-    optimizer.zero_grad(set_to_none=True)
-    stats = {}
-    loss, kl_sum = accumulate_gradients(cfg, policy, episode, advantages, beta, stats=stats)
-    dist.average_gradients(params)
-    grad_norm = clip_gradients(params, cfg.grad_clip, cfg.grad_clip_per_device)
-    finite = not dist.any(not (math.isfinite(loss) and torch.isfinite(grad_norm).item()))
-    if finite:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    tokens = max(int(episode.rollout.mask.sum()), 1)
-    return {"loss": loss, "kl": kl_sum / tokens, "grad_norm": grad_norm.item(), "finite": finite,
-            "logprob_diff_sum": stats.get("logprob_diff_sum"), "tokens": tokens}
+    stats, losses, clipped = {}, [], 0.0
+    for k in range(cfg.num_iterations):
+        it = {}
+        optimizer.zero_grad(set_to_none=True)
+        loss, kl_sum = accumulate_gradients(cfg, policy, episode, advantages, beta, stats=it,
+                                            keep=keep)
+        if k == 0:  # the sampler's policy against the weights it sampled with
+            stats = it
+        clipped += it.get("clipped_tokens", 0.0)
+        losses.append(loss)
+        dist.average_gradients(params)
+        grad_norm = clip_gradients(params, cfg.grad_clip, cfg.grad_clip_per_device)
+        finite = not dist.any(not (math.isfinite(loss) and torch.isfinite(grad_norm).item()))
+        if finite:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if not finite:
+            break
+    mask = episode.rollout.mask if keep is None else episode.rollout.mask * keep[:, None]
+    tokens = max(int(mask.sum()), 1)
+    return {"loss": sum(losses) / len(losses), "kl": kl_sum / tokens,
+            "grad_norm": grad_norm.item(), "finite": finite,
+            "logprob_diff_sum": stats.get("logprob_diff_sum"), "tokens": tokens,
+            "clip_frac": clipped / (tokens * len(losses)) if objective.clipping(cfg) else None}
 
 
 def clip_gradients(params: list, max_norm: float, per_device: bool = False) -> torch.Tensor:
@@ -143,41 +168,94 @@ def update_role(cfg: Config, role: str, policies: dict, optimizers: dict, episod
     order) into its baseline and adapt its beta with the rank-averaged KL, so both stay identical
     across ranks. batched: one step over all N completions. per_sample (the published order):
     one step per completion, in sample order, each with the baseline and beta the samples
-    before it left (on several ranks, step i takes every rank's i-th sample)."""
+    before it left (on several ranks, step i takes every rank's i-th sample). A step whose rows
+    --skip_zero_std leaves out on every rank is not taken (its rewards still fold in)."""
     timer = timer or (lambda phase: nullcontext())
     b, beta = st.baseline[role], st.kl_coef[role]
     # A one-sample group has zero advantage, so the Proposer always uses the running baseline.
     use_group = cfg.baseline == "group" and role == "solver"
     # Every image's advantages use the baseline from before the step; then all rewards fold in,
     # rank by rank and image by image. A group baseline is each image's own N rewards.
-    group_adv = R.advantages_for(episode.rewards, None,
-                                 len(episode.rewards) // episode.prompt.images)
+    group_size = len(episode.rewards) // episode.prompt.images
+    group_adv = R.advantages_for(episode.rewards, None, group_size)
+    scale, keep = solver_knobs(cfg, role, episode.rewards, group_size)
     parts = per_sample_episodes(episode) if cfg.update_mode == "per_sample" else [(0, episode)]
-    per = {"baseline": [], "kl_coef": [], "kl": [], "loss": [], "diff": [], "tokens": []}
+    per = {"baseline": [], "kl_coef": [], "kl": [], "loss": [], "diff": [], "tokens": [],
+           "clip": []}
     for first, part in parts:
         per["baseline"].append(st.baseline[role])
         per["kl_coef"].append(st.kl_coef[role])
-        adv = (group_adv[first:first + len(part.rewards)] if use_group
+        rows = slice(first, first + len(part.rewards))
+        adv = (group_adv[rows] if use_group
                else R.advantages_for(part.rewards, st.baseline[role]))
-        with timer(f"{role}_update"):
-            out = update_policy(cfg, policies[role], optimizers[role], part, adv,
-                                st.kl_coef[role], dist)
-        per["kl"].append(dist.mean(out["kl"]))
-        per["loss"].append(out["loss"])
-        per["diff"].append(out["logprob_diff_sum"])
-        per["tokens"].append(out["tokens"])
+        if scale is not None:
+            adv = adv / scale[rows]
+        part_keep = None if keep is None else keep[rows]
+        if part_keep is not None and not dist.any(bool(part_keep.any())):
+            out = None  # every rank's groups of this step have equal rewards: nothing to learn
+        else:
+            with timer(f"{role}_update"):
+                out = update_policy(cfg, policies[role], optimizers[role], part, adv,
+                                    st.kl_coef[role], dist, keep=part_keep)
+        per["kl"].append(None if out is None else _rank_mean_kl(out["kl"], part_keep, dist))
+        per["loss"].append(None if out is None else out["loss"])
+        per["diff"].append(None if out is None else out["logprob_diff_sum"])
+        per["tokens"].append(0 if out is None else out["tokens"])
+        per["clip"].append(None if out is None else out["clip_frac"])
         all_rewards = [r for rank_rewards in dist.gather(part.rewards) for r in rank_rewards]
         st.baseline[role] = R.update_ema_baseline(st.baseline[role], all_rewards,
                                                   cfg.baseline_momentum)
-        _adapt_kl_coef(cfg, role, st, per["kl"][-1], out["finite"])
-    values = {"baseline_before": b, "kl": sum(per["kl"]) / len(per["kl"]),
+        if out is not None:
+            _adapt_kl_coef(cfg, role, st, per["kl"][-1], out["finite"])
+    skipped = count_skipped(keep, group_size, dist)
+    if skipped is not None and None in per["loss"] and dist.is_main:
+        log.info("%s: %d of %d groups have equal rewards and were left out (--skip_zero_std); "
+                 "%d of %d optimizer steps not taken", role, skipped,
+                 dist.world * episode.prompt.images, per["loss"].count(None), len(parts))
+    values = {"baseline_before": b, "kl": _mean(per["kl"]),
               "kl_coef_before": beta, "kl_coef_after": st.kl_coef[role],
-              "loss": sum(per["loss"]) / len(per["loss"]),
+              "loss": _mean(per["loss"]),
               "baseline_per_sample": per["baseline"], "kl_coef_per_sample": per["kl_coef"],
               "kl_per_sample": per["kl"],
-              "logprob_diff": None if None in per["diff"] else
-              dist.mean(sum(per["diff"]) / max(sum(per["tokens"]), 1))}
+              "logprob_diff": None if all(d is None for d in per["diff"]) else
+              dist.mean(sum(d for d in per["diff"] if d is not None)
+                        / max(sum(per["tokens"]), 1)),
+              "lr": lr_now(optimizers[role]), "groups_skipped": skipped,
+              "clip_frac": _mean(per["clip"])}
     return role_fields(role, values, per_sample=cfg.update_mode == "per_sample")
+
+
+def solver_knobs(cfg: Config, role: str, rewards: list[float], group_size: int):
+    """(per-row divisor of --scale_advantages, per-row keep of --skip_zero_std), each None when
+    off. The Solver's only: the Proposer's group is one question, with no reward spread."""
+    if role != "solver":
+        return None, None
+    return (objective.advantage_scale(rewards, group_size) if cfg.scale_advantages else None,
+            objective.kept_rows(rewards, group_size) if cfg.skip_zero_std else None)
+
+
+def count_skipped(keep: torch.Tensor | None, group_size: int, dist: Dist) -> int | None:
+    """Groups left out by --skip_zero_std on all ranks (None when off)."""
+    if keep is None:
+        return None
+    return sum(dist.gather(int((~keep.view(-1, group_size).any(1)).sum())))
+
+
+def _rank_mean_kl(kl: float, keep: torch.Tensor | None, dist: Dist) -> float:
+    """The mean over ranks of their KL, over the ranks that kept rows (--skip_zero_std): a rank
+    whose groups were all left out measured none."""
+    mean = dist.mean(kl)
+    return mean if keep is None else mean / dist.mean(float(keep.any()))
+
+
+def lr_now(optimizer) -> float:
+    return optimizer.param_groups[0]["lr"]
+
+
+def _mean(values: list) -> float | None:
+    """Mean of the steps taken (None: none was)."""
+    taken = [v for v in values if v is not None]
+    return sum(taken) / len(taken) if taken else None
 
 
 def per_sample_episodes(episode: Episode) -> list[tuple[int, Episode]]:
