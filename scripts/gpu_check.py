@@ -42,7 +42,9 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
+import memfit  # noqa: E402
 import train  # noqa: E402
+from bench_plan import plan_peak_mib  # noqa: E402
 from config import Config  # noqa: E402
 from data_and_utils import ImagePool  # noqa: E402
 from distributed import Dist, UserError  # noqa: E402
@@ -212,7 +214,7 @@ def run_leg(run, leg: Leg, first_step: int, steps: int, cuda: bool) -> dict:
     each pair updates the Proposer); the figures are those of the steps after the warm-up."""
     cfg = run.cfg
     cfg.images_per_step, cfg.update_micro_batch = leg.images, leg.micro_batch
-    cfg.lean_decode = True
+    cfg.gradient_checkpointing, cfg.lean_decode = leg.checkpointing, True
     set_checkpointing(run.policies, leg.checkpointing)
     solver = run.policies["solver"].model
     path = decode_path(core_model(solver).language_model, solver.get_output_embeddings(), True)
@@ -243,8 +245,8 @@ def run_leg(run, leg: Leg, first_step: int, steps: int, cuda: bool) -> dict:
             "sync_seconds": statistics.mean(sync) if leg.engine == "vllm" else None,
             "proposer_updated": any(r["proposer_updated"] for r in after[-1][2]),
             "phases": {k: round(v, 3) for k, v in after[-1][1].items()},
-            # Another engineer's memory-plan module gives the planned peak; the lead wires it in.
-            "plan_gib": None}
+            # The memory plan's peak for these settings, without the CUDA context (as allocated).
+            "plan_gib": plan_peak_mib(cfg, leg.images, "cuda" if cuda else "cpu") / 1024}
 
 
 # ---------------------------------------------------------------- the resume leg
@@ -290,15 +292,25 @@ def run_resume_leg(cfg: Config, timeout: float) -> dict:
             "peak_reserved_gib": figures[-1]["peak_reserved_gib"],
             "solver_logprob_diff": second["solver_logprob_diff"], "sync_seconds": None,
             "proposer_updated": second["proposer_updated"],
-            "plan_gib": None}  # the memory-plan module's figure: wired in by the lead
+            "plan_gib": max((f["plan_gib"] for f in figures if f["plan_gib"] is not None),
+                            default=None)}
 
 
 def train_child(memory_json: str, argv: list[str]) -> int:
-    """A torchrun rank: train.main, then this process's peak memory into memory_json."""
+    """A torchrun rank: train.main, then this process's peak memory and the plan training made
+    at start (without the CUDA context, as allocated) into memory_json."""
+    fits, plan_run = [], memfit.plan_run
+
+    def recorded(*args, **kwargs):
+        fits.append(plan_run(*args, **kwargs))
+        return fits[-1]
+    memfit.plan_run = recorded
     code = train.main(argv)
     cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    plan = fits[0].plan if fits and fits[0] else None
     with open(memory_json, "w") as f:
-        json.dump(peak_memory(cuda), f)
+        json.dump({**peak_memory(cuda),
+                   "plan_gib": (plan.peak - plan.context) / 2**30 if plan else None}, f)
     return code
 
 
@@ -321,7 +333,8 @@ def print_leg(name: str, r: dict) -> None:
     print(f"{name}: {fmt(r['seconds_per_step'], '.2f')} s/step, "
           f"{fmt(r['generated_tokens_per_second'], '.0f')} generated tokens/s, peak "
           f"{fmt(r['peak_allocated_gib'], '.2f')} GiB allocated / "
-          f"{fmt(r['peak_reserved_gib'], '.2f')} GiB reserved, solver_logprob_diff "
+          f"{fmt(r['peak_reserved_gib'], '.2f')} GiB reserved (plan "
+          f"{fmt(r['plan_gib'], '.2f')} GiB), solver_logprob_diff "
           f"{fmt(r['solver_logprob_diff'], '.2e')}, sync {fmt(r['sync_seconds'], '.3f')} s",
           flush=True)
 

@@ -70,7 +70,7 @@ def test_dry_run_legs_a_failing_leg_and_the_torchrun_resume(tmp_path, monkeypatc
         r = legs[name]
         assert r["seconds_per_step"] > 0 and r["peak_allocated_gib"] > 0, r
         assert r["proposer_updated"] and 0 <= r["solver_logprob_diff"] < 1e-4, r
-        assert "plan_gib" in r and r["plan_gib"] is None
+        assert r["plan_gib"] > 0, r  # the memory plan beside the measured peak
     assert legs["hf_b1"]["generated_tokens_per_second"] > 0
     assert legs["hf_b1"]["decode_path"][0] == "lean"
     assert legs["resume_torchrun"]["logged_steps"] == [1, 2] and legs["resume_torchrun"]["resumed"]

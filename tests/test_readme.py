@@ -82,6 +82,7 @@ PROGRAMS = ("python", "torchrun", "accelerate", "bash", "pip", ".compat/vllm/bin
 NOT_RUN_HERE = {  # command prefix -> why it is not parsed here
     "pip install vllm": "an install from the registry (scripts/install_vllm.sh in CI)",
     "pip install --no-deps transformers": "an install from the registry",
+    "pip install datasets": "an install from the registry (scripts/install_paper.sh in CI)",
     "accelerate launch --num_processes 8 -m lmms_eval": "lmms-eval's own command line "
     "(scripts/check_lmms_eval.sh runs it for real)",
     "python run.py convert-checkpoint": "a subcommand of commit 2403201, as the text says",
