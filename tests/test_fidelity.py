@@ -248,8 +248,8 @@ def test_effective_sampling_values_are_logged_at_start(real_config_model, caplog
         assert len(warnings) == 1 and "samples greedily" in warnings[0], flags
         assert "the rewards are constant" in warnings[0]
         assert "update: per_sample; proposer never" in [r.getMessage() for r in caplog.records]
-    caplog.clear()
     one = Config(top_k=1, num_solver_samples=1)  # warns that N=1 gives no signal (test_first_hour)
+    caplog.clear()
     with caplog.at_level("INFO", logger="ireasoner"):  # one answer: greedy is not a collapse
         vlm.log_sampling(one, policies)
     assert not any(r.levelname == "WARNING" for r in caplog.records)
