@@ -7,7 +7,6 @@ defaults below are the only defaults. See all flags with:
 """
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from dataclasses import dataclass, field, fields
@@ -17,21 +16,12 @@ from typing import Optional
 
 from cli import CommandLineError, DataclassParser
 from answers import MATCHES, check_match
+from config_checks import (ATTN_IMPLEMENTATIONS, BASELINES, DTYPES, KEEP_BEST_METRICS,
+                           KL_ESTIMATORS, ROLLOUT_ENGINES, STEP_EMBEDDERS, UPDATE_MODES,
+                           WANDB_MODES, check, check_config, check_sampling, split)
 from data_and_utils import PROPOSER_PROMPT, QUESTION_PLACEHOLDER, SOLVER_PROMPT, read_prompt_file
 from lr_schedule import LR_SCHEDULERS
 from objective import LOSS_AGGS
-
-WANDB_MODES = ("disabled", "offline", "online")
-# Validation metrics where higher is better (validate.py).
-KEEP_BEST_METRICS = ("val_acc_first", "val_acc_mean", "val_maj_at_n", "val_agreement",
-                     "val_step_agreement")
-DTYPES = ("bfloat16", "float16", "float32")
-STEP_EMBEDDERS = ("input_embeddings", "hidden_states")
-BASELINES = ("ema", "group")
-UPDATE_MODES = ("batched", "per_sample")
-KL_ESTIMATORS = ("exact", "k3")
-ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
-ROLLOUT_ENGINES = ("hf", "vllm")
 
 
 def _help(text: str, aliases: tuple[str, ...] = (), **kw):
@@ -291,148 +281,15 @@ class Config:
                                 "aggregated as --loss_agg, is added to the loss.", default=0.0)
 
     def __post_init__(self):
-        self.include_subfolders_list = _split(self.include_subfolders)
-        self.lora_targets_list = _split(self.lora_targets)
-        _check(self.wandb_mode in WANDB_MODES, f"--wandb_mode must be one of {WANDB_MODES}")
-        _check(self.dtype in DTYPES, f"--dtype must be one of {DTYPES}")
-        _check(self.step_embedder in STEP_EMBEDDERS, f"--step_embedder must be one of {STEP_EMBEDDERS}")
-        _check(self.baseline in BASELINES, f"--baseline must be one of {BASELINES}")
-        _check(self.update_mode in UPDATE_MODES, f"--update_mode must be one of {UPDATE_MODES}")
-        _check(self.kl_estimator in KL_ESTIMATORS, f"--kl_estimator must be one of {KL_ESTIMATORS}")
-        _check(self.attn_implementation in ATTN_IMPLEMENTATIONS,
-               f"--attn_implementation must be one of {ATTN_IMPLEMENTATIONS}")
-        for name in ("num_solver_samples", "total_steps", "lora_r", "lora_alpha", "save_every",
-                     "max_checkpoints", "max_new_tokens_solver",
-                     "max_new_tokens_proposer", "max_reasoning_steps", "step_embed_max_tokens",
-                     "min_step_group_size", "images_per_step"):
-            _check(getattr(self, name) >= 1, f"--{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("lr", "kl_target", "kl_coef", "step_sim_temperature",
-                     "proposer_reward_sigma", "len_penalty_target_words"):
-            _check(getattr(self, name) > 0, f"--{name} must be > 0, got {getattr(self, name)}")
-        for name in ("weight_decay", "grad_clip", "kl_adapt_rate", "kl_error_clip", "solver_soft_gamma",
-                     "len_penalty_weight", "step_group_density_gamma", "step_position_decay",
-                     "clear_cache_every", "max_pixels",
-                     "proposer_update_freq", "temp", "wandb_log_images_every"):
-            _check(getattr(self, name) >= 0, f"--{name} must be >= 0, got {getattr(self, name)}")
-        _check(0 < self.top_p <= 1, f"--top_p must be in (0, 1], got {self.top_p}")
-        _check_sampling(self.top_k, self.repetition_penalty)
+        self.include_subfolders_list = split(self.include_subfolders)
+        self.lora_targets_list = split(self.lora_targets)
         self.proposer_prompt_text = (read_prompt_file(self.proposer_prompt_file,
                                                       "--proposer_prompt_file")
                                      if self.proposer_prompt_file else PROPOSER_PROMPT)
         self.solver_prompt_text = (read_prompt_file(self.solver_prompt_file, "--solver_prompt_file",
                                                     QUESTION_PLACEHOLDER)
                                    if self.solver_prompt_file else SOLVER_PROMPT)
-        _check(0 <= self.lora_dropout < 1, f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        _check(0 <= self.baseline_momentum < 1,
-               f"--baseline_momentum must be in [0, 1), got {self.baseline_momentum}")
-        _check(0 <= self.step_reward_warmup < 1,
-               f"--step_reward_warmup must be in [0, 1), got {self.step_reward_warmup}")
-        for name in ("step_reward_weight_start", "step_reward_weight_end"):
-            _check(0 <= getattr(self, name) <= 1, f"--{name} must be in [0, 1]")
-        lora_flags = " and ".join(f"--use_lora_{r}" for r in ("solver", "proposer")
-                                  if getattr(self, f"use_lora_{r}"))
-        if not self.freeze_vision and lora_flags:
-            # Published: peft froze every base weight of a LoRA role, the tower's included, so
-            # the flag changed nothing there; the published train.sh users keep working.
-            logging.getLogger("ireasoner").warning(
-                "--no_freeze_vision does not train the vision tower of a LoRA role (%s): its "
-                "base weights stay frozen, as in the published code; it applies to "
-                "full-finetune roles only", lora_flags)
-        if self.device and self.device_map == "cpu":
-            self.device_map = self.device  # the published model.to(device) after loading
-        _check(bool(self.lora_targets_list) or not lora_flags,
-               f"--lora_targets is empty but {lora_flags} is set: name at least one module, "
-               f"e.g. q_proj,v_proj")
-        _check(self.rollout_engine in ROLLOUT_ENGINES,
-               f"--rollout_engine must be one of {ROLLOUT_ENGINES}, got {self.rollout_engine!r}")
-        if self.rollout_engine == "vllm":
-            # Full fine-tuning would mean reloading the engine's weights after every update, and
-            # a second base a second engine: both are refused rather than run slowly.
-            _check(self.use_lora_solver and self.use_lora_proposer
-                   and self.solver_model == self.proposer_model and self.freeze_vision,
-                   "--rollout_engine vllm serves both roles as LoRA adapters of one frozen base: "
-                   "it needs --use_lora_solver, --use_lora_proposer, one model in --solver_model "
-                   "and --proposer_model, and no --no_freeze_vision (full fine-tuning, two bases "
-                   "or a trained vision tower: --rollout_engine hf)")
-        _check(self.rollout_is_cap >= 0,
-               f"--rollout_is_cap must be >= 0, got {self.rollout_is_cap}")
-        _check(not self.rollout_is_cap or self.rollout_engine == "vllm",
-               "--rollout_is_cap corrects for a rollout engine other than the trainer: it needs "
-               "--rollout_engine vllm")
-        _check(0 <= self.vllm_gpu_memory_utilization <= 1,
-               f"--vllm_gpu_memory_utilization must be in [0, 1], got "
-               f"{self.vllm_gpu_memory_utilization}")
-        _check(self.vllm_cpu_kv_cache_gib >= 1,
-               f"--vllm_cpu_kv_cache_gib must be >= 1, got {self.vllm_cpu_kv_cache_gib}")
-        _check(self.images_per_step == 1 or self.update_mode != "per_sample",
-               f"--update_mode per_sample conflicts with --images_per_step "
-               f"{self.images_per_step}: per_sample steps image by image, as published; use "
-               f"--update_mode batched or --images_per_step 1")
-        # ---- first hour: settings that train nothing, said before anything loads ----
-        if self.num_solver_samples == 1:
-            logging.getLogger("ireasoner").warning(
-                "--num_solver_samples 1: a single answer is its own majority, so every image's "
-                "outcome reward is the same (p = 1; only the length penalty varies) and the "
-                "answer entropy is 0 (the Proposer's reward is constant): self-consistency needs "
-                "N >= 2 (default 5)")
-        # memory plan: auto or a number of completions
-        micro = str(self.update_micro_batch)
-        _check(micro == "auto" or (micro.isdigit()),
-               f"--update_micro_batch must be auto or an integer >= 0, got {micro}")
-        self.update_micro_batch = micro if micro == "auto" else int(micro)
-        _check(self.memory_budget_gib >= 0,
-               f"--memory_budget_gib must be >= 0, got {self.memory_budget_gib}")
-        # validation, keep-best, collapse alarm, answer matching
-        check_match(self.answer_match)
-        _check(not self.val_data or os.path.isfile(self.val_data),
-               f"--val_data {self.val_data} does not exist")
-        for name in ("val_every", "val_samples"):
-            _check(getattr(self, name) >= 1, f"--{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("val_max_rows", "collapse_patience", "collapse_val_patience",
-                     "collapse_val_margin", "collapse_min_entropy", "collapse_min_length"):
-            _check(getattr(self, name) >= 0, f"--{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("collapse_one_answer_frac", "collapse_zero_std_frac"):
-            _check(0 < getattr(self, name) <= 1,
-                   f"--{name} must be in (0, 1], got {getattr(self, name)}")
-        for name in ("keep_best", "collapse_val_metric"):
-            _check(getattr(self, name) in ("", *KEEP_BEST_METRICS),
-                   f"--{name} must be one of {KEEP_BEST_METRICS}, got {getattr(self, name)!r}")
-            _check(not getattr(self, name) or bool(self.val_data),
-                   f"--{name} needs validation: add --val_data labeled.jsonl")
-        self._check_objective()
-
-    def _check_objective(self):
-        """The objective knobs' checks (objective.py, lr_schedule.py)."""
-        _check(self.lr_scheduler in LR_SCHEDULERS,
-               f"--lr_scheduler must be one of {LR_SCHEDULERS}, got {self.lr_scheduler!r}")
-        _check(0 <= self.warmup_steps <= self.total_steps,
-               f"--warmup_steps must be in [0, --total_steps], got {self.warmup_steps}")
-        _check(0 <= self.warmup_ratio <= 1,
-               f"--warmup_ratio must be in [0, 1], got {self.warmup_ratio}")
-        _check(not (self.warmup_steps and self.warmup_ratio),
-               "give --warmup_steps or --warmup_ratio, not both")
-        _check(self.loss_agg in LOSS_AGGS,
-               f"--loss_agg must be one of {LOSS_AGGS}, got {self.loss_agg!r}")
-        _check(self.num_iterations >= 1,
-               f"--num_iterations must be >= 1, got {self.num_iterations}")
-        _check(0 <= self.clip_eps < 1, f"--clip_eps must be in [0, 1), got {self.clip_eps}")
-        _check(self.clip_eps_high is None or (self.clip_eps > 0 and self.clip_eps_high >= 0),
-               "--clip_eps_high needs --clip_eps > 0 and must be >= 0")
-        _check(self.num_iterations == 1 or self.clip_eps > 0,
-               f"--num_iterations {self.num_iterations} reuses each rollout for several steps: "
-               f"bound the ratio with --clip_eps (e.g. 0.2)")
-        _check(self.num_iterations == 1 or self.update_mode == "batched",
-               "--num_iterations > 1 needs --update_mode batched")
-        _check(not (self.clip_eps and self.rollout_is_cap),
-               "--clip_eps already weighs each token by its ratio to the sampler's policy: "
-               "drop --rollout_is_cap")
-        _check(self.entropy_coef >= 0, f"--entropy_coef must be >= 0, got {self.entropy_coef}")
-        _check(not self.scale_advantages or self.baseline == "group",
-               "--scale_advantages divides r - mean(group) by the group's std (GRPO); with "
-               "--baseline ema a unanimous group would get (r - b) / 1e-4: add --baseline group")
-        for flag in ("scale_advantages", "skip_zero_std"):
-            _check(not getattr(self, flag) or self.num_solver_samples >= 2,
-                   f"--{flag} needs a reward spread: --num_solver_samples >= 2")
+        check_config(self)
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -451,21 +308,6 @@ class Config:
                         f"--{role}_prompt_file (its text is saved in trainer_state.json) or use "
                         f"another --wandb_run_name")
         return None
-
-
-def _split(text: str) -> list[str]:
-    return [part.strip() for part in text.split(",") if part.strip()]
-
-
-def _check(ok: bool, message: str):
-    if not ok:
-        raise ValueError(message)
-
-
-def _check_sampling(top_k, repetition_penalty):
-    _check(top_k is None or top_k >= 0, f"--top_k must be >= 0 (0 = off), got {top_k}")
-    _check(repetition_penalty is None or repetition_penalty > 0,
-           f"--repetition_penalty must be > 0 (1 = off), got {repetition_penalty}")
 
 
 def parse_config(argv: list[str] | None = None) -> Config:
@@ -524,20 +366,12 @@ class SampleArgs(ModelArgs):
         "as published (see train.py --help).", default=Config.merge_generation_config)
     seed: int = _help("Sampling seed.", default=0)
 
-    # ---- memory plan ----
-    memory_budget_gib: float = _help("GiB per rank the memory plan must fit (0 = the GPU's free "
-                                     "memory at start; on the CPU no budget). See "
-                                     "`python run.py plan`.", default=0.0)
-    vllm_prefix_caching: bool = _help("vllm: share the prompt's prefill among its N samples "
-                                      "(the cache is reset at every generate, so a resumed run "
-                                      "samples what an unbroken one does).", default=True)
-
     def __post_init__(self):
         for name in ("samples", "max_new_tokens"):
-            _check(getattr(self, name) >= 1, f"--{name} must be >= 1, got {getattr(self, name)}")
-        _check(self.max_pixels >= 0, f"--max_pixels must be >= 0, got {self.max_pixels}")
-        _check_sampling(self.top_k, self.repetition_penalty)
-        _check(self.temp >= 0 and 0 < self.top_p <= 1,
+            check(getattr(self, name) >= 1, f"--{name} must be >= 1, got {getattr(self, name)}")
+        check(self.max_pixels >= 0, f"--max_pixels must be >= 0, got {self.max_pixels}")
+        check_sampling(self.top_k, self.repetition_penalty)
+        check(self.temp >= 0 and 0 < self.top_p <= 1,
                f"need --temp >= 0 (0 = greedy) and 0 < --top_p <= 1, got {self.temp}, {self.top_p}")
 
 
@@ -549,17 +383,9 @@ class InferArgs(SampleArgs):
     max_new_tokens_proposer: int = _help("Max new tokens for the proposer's question.",
                                          default=Config.max_new_tokens_proposer)
 
-    # ---- memory plan ----
-    memory_budget_gib: float = _help("GiB per rank the memory plan must fit (0 = the GPU's free "
-                                     "memory at start; on the CPU no budget). See "
-                                     "`python run.py plan`.", default=0.0)
-    vllm_prefix_caching: bool = _help("vllm: share the prompt's prefill among its N samples "
-                                      "(the cache is reset at every generate, so a resumed run "
-                                      "samples what an unbroken one does).", default=True)
-
     def __post_init__(self):
         super().__post_init__()
-        _check(self.max_new_tokens_proposer >= 1,
+        check(self.max_new_tokens_proposer >= 1,
                f"--max_new_tokens_proposer must be >= 1, got {self.max_new_tokens_proposer}")
 
 
@@ -574,14 +400,6 @@ class EvalArgs(SampleArgs):
     answer_match: str = _help("When two answers count as one (string or math, see train.py "
                               "--answer_match); default: the run's setting (string for the base).",
                               default="")
-
-    # ---- memory plan ----
-    memory_budget_gib: float = _help("GiB per rank the memory plan must fit (0 = the GPU's free "
-                                     "memory at start; on the CPU no budget). See "
-                                     "`python run.py plan`.", default=0.0)
-    vllm_prefix_caching: bool = _help("vllm: share the prompt's prefill among its N samples "
-                                      "(the cache is reset at every generate, so a resumed run "
-                                      "samples what an unbroken one does).", default=True)
 
     def __post_init__(self):
         super().__post_init__()

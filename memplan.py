@@ -14,7 +14,6 @@ log-probs. The CPU grid in tests/test_memplan.py and docs/performance.md checks 
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass
 

@@ -3,7 +3,7 @@
     python train.py --data_dir images/ --solver_model Qwen/Qwen2.5-VL-7B-Instruct \
         --proposer_model Qwen/Qwen2.5-VL-7B-Instruct --use_lora_solver --use_lora_proposer
 
-train() opens the Run (start_run: lock, models, resume) and calls loop(), whose every step is
+train() opens the Run (start_run: lock, models, run_checkpoint.resume) and calls loop(), whose every step is
 train_step(): rollout() -> rewards.compute_rewards() -> update.update_role() for the Solver (and
 every proposer_update_freq steps for the Proposer) -> log -> checkpoint. The file goes from the
 state, through one step, setup and the loop, to train() and main().
@@ -23,12 +23,12 @@ import torch
 from tqdm import tqdm
 from transformers import StoppingCriteria
 
-import checkpoint as ckpt
 import devices
 import image_stream
-import memfit
 import lr_schedule
+import memfit
 import rewards as R
+import run_checkpoint
 import startup
 import validate as V
 from config import Config, parse_config
@@ -37,7 +37,7 @@ from data_and_utils import (ImagePool, check_data_dir, extract_question, propose
 from determinism import use_deterministic_algorithms
 from distributed import Dist, TrainingError, UserError, report, run_lock
 from runtime import (append_log, keep_freed_memory, load_config, log_record, rng_state,
-                     role_fields, seed_all, set_rng_state, step_signals)
+                     role_fields, seed_all, step_signals)
 from sampling import decode_path
 from update import Episode, update_role
 import vllm_engine
@@ -217,7 +217,7 @@ def sampling_signals(roll) -> dict:
             "token_entropy": entropy}
 
 
-# ---------------------------------------------------------------- setup, resume, save
+# ---------------------------------------------------------------- setup
 def resolve_device_map(cfg: Config, dist: Dist) -> None:
     """Under a multi-process launcher each rank holds one full copy on its own device, so 'auto'
     (shard one copy over all GPUs) means 'local' there: a plain torchrun command just works."""
@@ -288,7 +288,7 @@ def start_run(cfg: Config, dist: Dist):
                   cuda_devices=devices.cuda_devices(policies),
                   schedulers=lr_schedule.make_schedulers(cfg, optimizers))
         seed_all(cfg.seed + dist.rank)  # different samples on every rank
-        resumed = resume(run)
+        resumed = run_checkpoint.resume(run)
         if dist.is_main:
             print(startup.pool_summary(pool, len(run.st.bad_images)), flush=True)
             print(startup.run_summary(name, run_dir, resumed, run.st.step + 1,
@@ -300,90 +300,6 @@ def start_run(cfg: Config, dist: Dist):
         finally:
             if run.engine is not None:
                 run.engine.close()
-
-
-def resume(run: Run) -> str | None:
-    """Restore the newest complete checkpoint (or --resume_from). Returns its path."""
-    cfg, dist, st = run.cfg, run.dist, run.st
-    path = None
-    if dist.is_main:  # rank 0 decides, so every rank resumes from the same checkpoint
-        ckpt.remove_temporaries(run.dir)
-        newest = ckpt.complete_checkpoints(run.dir)
-        path = cfg.resume_from or (newest[-1][1] if newest else None)
-    path = dist.broadcast(path)
-    if path is None:
-        if dist.is_main:  # killed before its first checkpoint: every logged step will be redone
-            ckpt.truncate_log(run.log_path, 0)
-            ckpt.truncate_log(run.val_log_path, 0)
-        return None
-    # Validated against this run's own state and optimizers before anything is applied.
-    # Older checkpoints may lack image_cursor and val (resumed with their defaults).
-    template = {k: v for k, v in vars(st).items() if k not in ("image_cursor", "val")}
-    saved = ckpt.load_checkpoint(path, run.policies, run.optimizers, template=template)
-    changed = ckpt.changed_flags(path, saved["config"], cfg.to_dict())
-    if changed and dist.is_main:
-        log.warning("resuming %s with changed flags (the new values apply): %s", path,
-                    ", ".join(changed))
-    if "prompts" not in saved:
-        log.warning("%s holds no prompt texts (an older checkpoint): cannot check that the "
-                    "prompts are unchanged", path)
-    elif cfg.prompt_mismatch(saved["prompts"]):
-        raise UserError(f"{path} was trained with {cfg.prompt_mismatch(saved['prompts'])}")
-    for role in ROLES:
-        run.optimizers[role].load_state_dict(saved["optimizers"][role])
-        for group in run.optimizers[role].param_groups:  # the flags given now win over saved ones
-            group["lr"], group["weight_decay"] = cfg.lr, cfg.weight_decay
-    try:  # the rate at the restored step, on the schedule the flags give now
-        lr_schedule.restore(run.schedulers, saved.get("schedulers"), saved["step"], cfg.lr)
-    except (KeyError, TypeError, ValueError) as e:
-        raise UserError(f"{path}: its learning-rate schedule state is unusable ({e}); resume "
-                        f"from an older checkpoint with --resume_from") from e
-    for key in template:
-        setattr(st, key, saved["train_state"][key])
-    st.image_cursor = image_stream.saved_cursor(saved)
-    st.val = saved["train_state"].get("val") or {}
-    if not isinstance(st.val, dict):
-        raise UserError(f"checkpoint {path}: train_state.val is not an object; "
-                        f"{ckpt.older_hint(path)}")
-    rngs = saved["rng"]
-    rng = rngs[dist.rank] if dist.rank < len(rngs) else rngs[0]
-    note = set_rng_state(rng, run.cuda_devices)
-    if note:  # resumed on another number of GPUs
-        log.warning("rank %d, %s: %s", dist.rank, path, note)
-    if dist.rank >= len(rngs):
-        seed_all(cfg.seed + dist.rank + st.step)
-    dist.barrier()
-    if dist.is_main:
-        if cfg.resume_from:
-            ckpt.set_aside_newer(run.dir, st.step)
-        ckpt.truncate_log(run.log_path, st.step)
-        ckpt.truncate_log(run.val_log_path, st.step)  # the validation series goes on from here
-        if "best_step" in st.val:
-            ckpt.point_best(run.dir, st.val["best_step"])
-    return path
-
-
-def save(run: Run, rng: dict) -> str | None:
-    """Rank 0 writes; every rank learns whether it worked, so none hangs on a failed write."""
-    cfg, dist, st = run.cfg, run.dist, run.st
-    rngs = dist.gather(rng)
-    path, error = None, None
-    if dist.is_main:
-        state = {"step": st.step, "train_state": vars(st).copy(), "rng": rngs,
-                 "optimizers": {r: o.state_dict() for r, o in run.optimizers.items()},
-                 "schedulers": lr_schedule.state(run.schedulers),
-                 "config": cfg.to_dict(), "prompts": cfg.prompt_texts(), "world_size": dist.world}
-        try:
-            path = ckpt.save_checkpoint(run.dir, st.step, run.policies, state, cfg.max_checkpoints,
-                                        protect=st.val.get("best_step"))
-            if st.val.get("best_step") == st.step:
-                ckpt.point_best(run.dir, st.step)
-        except UserError as e:
-            error = str(e)
-    error = dist.broadcast(error)
-    if error:
-        raise UserError(error)
-    return path
 
 
 # ---------------------------------------------------------------- the loop
@@ -422,7 +338,7 @@ def loop(run: Run) -> int:
     try:
         best, collapsed = V.after_step(run, st.step, None, tracker)  # step 0's validation
         if best:
-            save(run, rng)
+            run_checkpoint.save(run, rng)
         for step in range(st.step + 1, cfg.total_steps + 1):
             if collapsed:
                 break
@@ -436,7 +352,7 @@ def loop(run: Run) -> int:
                 show_progress(bar, records, run)
             best, collapsed = V.after_step(run, step, records, tracker)
             if best or collapsed or step % cfg.save_every == 0 or step == cfg.total_steps:
-                save(run, rng)
+                run_checkpoint.save(run, rng)
                 saved_step = step
             if (cfg.clear_cache_every and step % cfg.clear_cache_every == 0
                     and torch.cuda.is_available()):
@@ -446,7 +362,7 @@ def loop(run: Run) -> int:
     finally:  # closed on errors too, so `error: ...` gets its own line, not the bar's
         bar.close()
     if st.step != saved_step:
-        save(run, rng)
+        run_checkpoint.save(run, rng)
     if tracker is not None:
         tracker.finish()
     if dist.is_main:

@@ -25,6 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import checkpoint as ckpt  # noqa: E402
+import run_checkpoint  # noqa: E402
 import train  # noqa: E402
 import update  # noqa: E402
 from config import Config, parse_config  # noqa: E402
@@ -259,7 +260,7 @@ def test_kill_before_first_checkpoint_empties_the_log(tiny_model, image_dir, tmp
     st = train.TrainState(kl_coef={r: cfg.kl_coef for r in train.ROLES})
     run = train.Run(cfg=cfg, dist=Dist(), name="r", dir=str(run_dir), pool=None, policies={},
                     optimizers={}, st=st)
-    assert train.resume(run) is None
+    assert run_checkpoint.resume(run) is None
     assert st.step == 0
     assert (run_dir / "iter_log.jsonl").read_text() == ""
     assert os.listdir(run_dir) == ["iter_log.jsonl"]

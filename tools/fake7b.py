@@ -69,11 +69,6 @@ def fake_prompt(cfg: dict, images: int, text_tokens: int, hidden: int):
 
 def run(name: str, images: int, N: int, L: int, text_tokens: int,
         attention: str = "efficient") -> dict:
-    from peft import LoraConfig, get_peft_model
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-    import update
-    from vlm import Policy, lora_target_names
     config, pre = memplan.read_model(name)
     cfg = Config(solver_model=name, proposer_model=name, use_lora_solver=True,
                  use_lora_proposer=True, images_per_step=images, num_solver_samples=N,
