@@ -253,8 +253,13 @@ def start_run(cfg: Config, dist: Dist):
     """The Run, inside its locked folder (one trainer per run, until exit): image pool, both
     policies and their optimizers, restored from the newest checkpoint if there is one."""
     resolve_device_map(cfg, dist)
-    # Everything checkable without a model, before a run folder is made for nothing.
+    # Everything checkable without a model, before a run folder is made for nothing: the local
+    # checks first, then those that may ask the network (W&B, the hub's config.json).
     check_data_dir(cfg.data_dir)
+    pool = ImagePool(cfg.data_dir, cfg.include_subfolders_list, cfg.seed, cfg.max_pixels)
+    if len(set(dist.gather(pool.fingerprint()))) > 1:  # the seeded order needs one path list
+        raise UserError(f"the ranks found different image lists in {cfg.data_dir} (files "
+                        f"added or removed while scanning?); rerun once the folder is stable")
     problem = dist.broadcast(wandb_guard.login_problem(cfg) if dist.is_main else None)
     if problem:
         raise UserError(problem)
@@ -264,10 +269,6 @@ def start_run(cfg: Config, dist: Dist):
         memfit.plan_run(cfg, cfg.device_map, dist.is_main)
     except memfit.PlanError as e:
         raise UserError(str(e)) from None
-    pool = ImagePool(cfg.data_dir, cfg.include_subfolders_list, cfg.seed, cfg.max_pixels)
-    if len(set(dist.gather(pool.fingerprint()))) > 1:  # the seeded order needs one path list
-        raise UserError(f"the ranks found different image lists in {cfg.data_dir} (files "
-                        f"added or removed while scanning?); rerun once the folder is stable")
     name = dist.broadcast(cfg.wandb_run_name or time.strftime("run-%Y%m%d-%H%M%S"))
     run_dir = os.path.join(cfg.output_dir, name)
     with run_lock(run_dir, name, dist):  # makes run_dir; removes it again if the start fails

@@ -189,7 +189,7 @@ def test_eval_of_a_checkpoint_scores_with_its_run_config(published_run, tiny_mod
         {"image": "g.png", "question": "What colour?", "answer": "green"}) + "\n")
     seen = []
     real = R.compute_rewards
-    monkeypatch.setattr(infer.rewards, "compute_rewards", lambda cfg, texts, step, embed: seen.append(
+    monkeypatch.setattr(R, "compute_rewards", lambda cfg, texts, step, embed: seen.append(
         (cfg.min_step_group_size, cfg.max_reasoning_steps)) or real(cfg, texts, step, embed))
     prompts = []
     real_prompt = vlm.make_prompt
