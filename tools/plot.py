@@ -66,6 +66,15 @@ def read_log(path: str) -> tuple[list[dict], int]:
     log_path = os.path.join(path, LOG_NAME) if os.path.isdir(path) else path
     if not os.path.isfile(log_path):
         raise PlotError(f"no training log at {log_path}")
+    records, bad = step_records(log_path)
+    if not records:
+        raise PlotError(f"{log_path} holds no training records")
+    return records, bad
+
+
+def step_records(log_path: str) -> tuple[list[dict], int]:
+    """The JSON objects with an integer "step" of a JSONL file, and how many non-blank lines
+    were not one (a line cut short by a kill is skipped, not fatal)."""
     records, bad = [], 0
     with open(log_path, encoding="utf-8", errors="replace") as f:
         for line in f:
@@ -80,8 +89,6 @@ def read_log(path: str) -> tuple[list[dict], int]:
                 records.append(rec)
             else:
                 bad += 1
-    if not records:
-        raise PlotError(f"{log_path} holds no training records")
     return records, bad
 
 
@@ -131,16 +138,7 @@ def read_val_log(path: str) -> list[dict]:
     val_path = os.path.join(folder, VAL_LOG_NAME)
     if not os.path.isfile(val_path):
         return []
-    out = []
-    with open(val_path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(rec, dict) and isinstance(rec.get("step"), int):
-                out.append(rec)
-    return sorted(out, key=lambda r: r["step"])
+    return sorted(step_records(val_path)[0], key=lambda r: r["step"])
 
 
 def plot_validation(ax, val_records: list[dict]) -> None:
